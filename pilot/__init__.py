@@ -1,0 +1,61 @@
+"""Parallel Pilot: send heavy notebook work to a pool of machines and watch it come back live.
+
+The one name a user remembers::
+
+    import pilot
+    client = pilot.connect()                 # after `pilot up`, or PILOT_CONNECT=...
+    job = client.map(f, items, chunk=40)     # returns at once
+    job.wait(); job.results                  # in item order
+
+    with pilot.LocalCluster(workers=2) as cluster:
+        client = cluster.client()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway import (
+    Client,
+    ConfigError,
+    DataError,
+    Job,
+    JobCancelled,
+    JobError,
+    JobNotFound,
+    NoGateway,
+    Output,
+    PilotError,
+    PilotTimeout,
+    SerializationError,
+    TaskError,
+    Unschedulable,
+    find_connection,
+)
+from pilot._cluster import LocalCluster
+
+__all__ = [
+    "Client",
+    "ConfigError",
+    "DataError",
+    "Job",
+    "JobCancelled",
+    "JobError",
+    "JobNotFound",
+    "LocalCluster",
+    "NoGateway",
+    "Output",
+    "PilotError",
+    "PilotTimeout",
+    "SerializationError",
+    "TaskError",
+    "Unschedulable",
+    "connect",
+]
+
+
+def connect(target: str | Path | None = None, *, name: str = "") -> Client:
+    """Connect to a gateway: ``target`` is a connection file or ``tcp://HOST:PORT``; without it,
+    ``PILOT_CONNECT``, then ``$PILOT_HOME/connection.json``. Raises ``NoGateway`` with how to
+    start one."""
+    return Client(find_connection(target), name=name)

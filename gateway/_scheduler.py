@@ -1,0 +1,578 @@
+"""The scheduler: a pure state machine. Events in, instructions out, the clock injected.
+
+It knows jobs, tasks, attempts and workers by name and number only: no sockets, no payloads,
+no database. ``Scheduler.handle(event)`` returns the instructions the server must carry out
+(assign, cancel, record an outcome). Every event carries ``now``; the scheduler never reads a
+clock, so tests drive time by hand.
+
+Policies, in one place:
+
+- Workers pull: each worker holds at most its slots' worth of running tasks plus ``prefetch``
+  queued ones, and the prefetch is only used for jobs whose tasks are short (mean duration under
+  ``prefetch_max_task_s``), where it hides the round trip.
+- Fair across jobs: assignments go round-robin over jobs with queued tasks.
+- A task needs ``max(1, cpus)`` slots, ``gpus`` GPUs and all of its ``tags`` on the worker.
+- A failed attempt is retried up to ``retries`` times, on another worker where one fits; a
+  worker with ``BAD_WORKER_FAILURES`` failures in a job is kept off that job while another
+  worker can run it. Unpicklable arguments or results are not retried: they would fail again.
+- A worker silent for ``heartbeat_timeout_s`` is lost; its tasks go back to the queue at once.
+- After a gateway restart, tasks that were out on workers are orphans: a returning worker that
+  still runs one adopts it; the rest are requeued after ``orphan_grace_s``.
+- The first OK result of a task wins; anything later is ignored (results are recorded once).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gateway._messages import Resources, Status, TaskAttempt, TaskStatus
+
+__all__ = [
+    "AssignTask",
+    "CancelAttempt",
+    "JobAdded",
+    "JobCancel",
+    "JobSettled",
+    "Scheduler",
+    "TaskFinished",
+    "TaskSettled",
+    "TaskStarted",
+    "Tick",
+    "Unschedulable",
+    "WorkerHeard",
+    "WorkerJoined",
+    "WorkerLeft",
+]
+
+BAD_WORKER_FAILURES = 3
+_NO_RETRY = (TaskStatus.UNPICKLABLE,)
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobAdded:
+    job_id: str
+    n_tasks: int
+    resources: Resources
+    now: float
+    timeout_s: float = 0.0
+    retries: int = 2
+    settled: tuple[int, ...] = ()  # recovery: tasks already finished
+    orphans: tuple[TaskAttempt, ...] = ()  # recovery: attempts out on workers at the crash
+    orphan_workers: tuple[str, ...] = ()  # recovery: orphans[i] ran on orphan_workers[i]
+
+
+@dataclass(frozen=True, slots=True)
+class JobCancel:
+    job_id: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJoined:
+    name: str
+    slots: int
+    gpus: int
+    tags: frozenset[str]
+    now: float
+    holding: tuple[TaskAttempt, ...] = ()  # attempts it still runs or queues (reconnect)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLeft:
+    name: str
+    now: float
+    status: TaskStatus = TaskStatus.LOST
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDraining:
+    """A worker that stops taking tasks; ``handed_back`` go back to the queue, no fault."""
+
+    name: str
+    now: float
+    handed_back: tuple[TaskAttempt, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHeard:
+    name: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    worker: str
+    job_id: str
+    index: int
+    attempt: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    worker: str
+    job_id: str
+    index: int
+    attempt: int
+    status: TaskStatus
+    now: float
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+# -- instructions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssignTask:
+    worker: str
+    job_id: str
+    index: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAttempt:
+    worker: str
+    job_id: str
+    index: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSettled:
+    """A task reached its final state. For OK, the server keeps the reporting attempt's value.
+    ``attempt`` is the attempt whose outcome this is (the one to take the value or error of)."""
+
+    job_id: str
+    index: int
+    status: TaskStatus
+    attempt: int
+    worker: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobSettled:
+    job_id: str
+    state: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Unschedulable:
+    job_id: str
+    resources: Resources
+
+
+Event = (
+    JobAdded
+    | JobCancel
+    | WorkerJoined
+    | WorkerLeft
+    | WorkerDraining
+    | WorkerHeard
+    | TaskStarted
+    | TaskFinished
+    | Tick
+)
+Instruction = AssignTask | CancelAttempt | TaskSettled | JobSettled | Unschedulable
+
+
+# -- state ------------------------------------------------------------------------------------
+
+
+class _T(enum.Enum):
+    QUEUED = "queued"
+    OUT = "out"  # assigned to a worker (queued there or running)
+    ORPHAN = "orphan"  # out on a worker when the gateway restarted
+    FINAL = "final"
+
+
+@dataclass(slots=True, eq=False)
+class _Task:
+    index: int
+    state: _T = _T.QUEUED
+    attempt: int = 0
+    worker: str = ""
+    started_at: float | None = None
+    failures: int = 0
+    failed_on: set[str] = field(default_factory=set)
+    orphan_deadline: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    job_id: str
+    resources: Resources
+    timeout_s: float
+    retries: int
+    tasks: list[_Task]
+    queue: deque[int] = field(default_factory=deque)
+    unsettled: int = 0
+    failed: int = 0
+    state: Status = Status.QUEUED
+    duration_sum_s: float = 0.0
+    duration_n: int = 0
+    bad_workers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cost(self) -> int:
+        return max(1, self.resources.cpus)
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    name: str
+    slots: int
+    gpus: int
+    tags: frozenset[str]
+    last_seen: float
+    used_slots: int = 0
+    used_gpus: int = 0
+    draining: bool = False
+    out: dict[tuple[str, int], _Task] = field(default_factory=dict)
+
+    def can_ever_run(self, res: Resources) -> bool:
+        return (
+            max(1, res.cpus) <= self.slots and res.gpus <= self.gpus and set(res.tags) <= self.tags
+        )
+
+
+class Scheduler:
+    """See the module docstring. Owned by the gateway server; single-threaded."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat_timeout_s: float = 5.0,
+        orphan_grace_s: float = 5.0,
+        prefetch: int = 4,
+        prefetch_max_task_s: float = 0.5,
+    ) -> None:
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.orphan_grace_s = orphan_grace_s
+        self.prefetch = prefetch
+        self.prefetch_max_task_s = prefetch_max_task_s
+        self.jobs: dict[str, _Job] = {}
+        self.workers: dict[str, _Worker] = {}
+        self._active: deque[str] = deque()  # jobs with queued tasks, round-robin order
+        self._out: list[Instruction] = []
+        self._orphans: list[tuple[str, _Task]] = []
+
+    # -- the one entry point --------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Instruction]:
+        """Apply ``event``; return the instructions it causes, in order."""
+        match event:
+            case JobAdded():
+                self._job_added(event)
+            case JobCancel(job_id=job_id):
+                self._cancel_job(job_id)
+            case WorkerJoined():
+                self._worker_joined(event)
+            case WorkerLeft(name=name, status=status):
+                self._worker_left(name, status)
+            case WorkerDraining(name=name, handed_back=handed_back):
+                self._worker_draining(name, handed_back)
+            case WorkerHeard(name=name, now=now):
+                if (w := self.workers.get(name)) is not None:
+                    w.last_seen = now
+            case TaskStarted():
+                self._task_started(event)
+            case TaskFinished():
+                self._task_finished(event)
+            case Tick(now=now):
+                self._tick(now)
+        self._fill()
+        out, self._out = self._out, []
+        return out
+
+    # -- queries (for status pages; no side effects) ---------------------------------------
+
+    def running_on(self, worker: str) -> int:
+        w = self.workers.get(worker)
+        return len(w.out) if w else 0
+
+    def job_counts(self, job_id: str) -> tuple[int, int, int]:
+        """(tasks, unsettled, failed) of a job the scheduler still tracks."""
+        j = self.jobs[job_id]
+        return len(j.tasks), j.unsettled, j.failed
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def _job_added(self, ev: JobAdded) -> None:
+        job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, [])
+        job.tasks = [_Task(i) for i in range(ev.n_tasks)]
+        settled = set(ev.settled)
+        for t in job.tasks:
+            if t.index in settled:
+                t.state = _T.FINAL
+        for att, worker in zip(ev.orphans, ev.orphan_workers, strict=True):
+            t = job.tasks[att.index]
+            t.state, t.attempt, t.worker = _T.ORPHAN, att.attempt, worker
+            t.orphan_deadline = ev.now + self.orphan_grace_s
+            self._orphans.append((ev.job_id, t))
+        job.queue.extend(t.index for t in job.tasks if t.state is _T.QUEUED)
+        job.unsettled = sum(1 for t in job.tasks if t.state is not _T.FINAL)
+        self.jobs[job.job_id] = job
+        if job.unsettled == 0:
+            self._settle_job(job)
+            return
+        if job.queue:
+            self._active.append(job.job_id)
+        if self.workers and not any(w.can_ever_run(job.resources) for w in self.workers.values()):
+            self._out.append(Unschedulable(job.job_id, job.resources))
+
+    def _cancel_job(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state.finished:
+            return
+        job.queue.clear()
+        for t in job.tasks:
+            if t.state is _T.FINAL:
+                continue
+            if t.state is _T.OUT:
+                self._release(job, t)
+                self._out.append(CancelAttempt(t.worker, job_id, t.index, t.attempt))
+            t.state = _T.FINAL
+            self._out.append(
+                TaskSettled(job_id, t.index, TaskStatus.CANCELLED, t.attempt, t.worker, t.attempt)
+            )
+        job.unsettled = 0
+        job.state = Status.CANCELLED
+        self._out.append(JobSettled(job_id, Status.CANCELLED))
+        self.jobs.pop(job_id, None)
+
+    def _settle_job(self, job: _Job) -> None:
+        job.state = Status.FAILED if job.failed else Status.DONE
+        self._out.append(JobSettled(job.job_id, job.state))
+        self.jobs.pop(job.job_id, None)
+
+    # -- workers --------------------------------------------------------------------------
+
+    def _worker_joined(self, ev: WorkerJoined) -> None:
+        old = self.workers.get(ev.name)
+        w = _Worker(ev.name, ev.slots, ev.gpus, ev.tags, ev.now)
+        self.workers[ev.name] = w
+        holding = {(a.job_id, a.index): a.attempt for a in ev.holding}
+        if old is not None:  # a reconnect: what it no longer holds was lost on the way
+            for key, t in list(old.out.items()):
+                if holding.get(key) != t.attempt and (job := self.jobs.get(key[0])):
+                    self._attempt_failed(job, t, old.name, TaskStatus.LOST, old)
+        for a in ev.holding:
+            job = self.jobs.get(a.job_id)
+            t = job.tasks[a.index] if job and 0 <= a.index < len(job.tasks) else None
+            adoptable = t is not None and t.attempt == a.attempt and t.state is not _T.FINAL
+            if adoptable and t is not None and job is not None:
+                if t.state is _T.QUEUED:
+                    job.queue.remove(t.index)
+                t.state, t.worker = _T.OUT, w.name
+                self._take(w, job, t)
+            else:
+                self._out.append(CancelAttempt(w.name, a.job_id, a.index, a.attempt))
+        for job in self.jobs.values():
+            if job.state is Status.QUEUED and not any(
+                x.can_ever_run(job.resources) for x in self.workers.values()
+            ):
+                self._out.append(Unschedulable(job.job_id, job.resources))
+
+    def _worker_draining(self, name: str, handed_back: tuple[TaskAttempt, ...]) -> None:
+        w = self.workers.get(name)
+        if w is None:
+            return
+        w.draining = True
+        for a in handed_back:
+            t = w.out.get((a.job_id, a.index))
+            job = self.jobs.get(a.job_id)
+            if t is not None and job is not None and t.attempt == a.attempt:
+                self._release(job, t, w)
+                self._requeue(job, t)
+
+    def _worker_left(self, name: str, status: TaskStatus) -> None:
+        w = self.workers.pop(name, None)
+        if w is None:
+            return
+        for (job_id, _), t in list(w.out.items()):
+            if (job := self.jobs.get(job_id)) is not None:
+                self._attempt_failed(job, t, name, status, w)
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def _task_started(self, ev: TaskStarted) -> None:
+        job = self.jobs.get(ev.job_id)
+        if job is None:
+            return
+        t = job.tasks[ev.index]
+        if t.state is _T.OUT and t.attempt == ev.attempt and t.worker == ev.worker:
+            t.started_at = ev.now
+            if job.state is Status.QUEUED:
+                job.state = Status.RUNNING
+
+    def _task_finished(self, ev: TaskFinished) -> None:
+        job = self.jobs.get(ev.job_id)
+        if job is None or not 0 <= ev.index < len(job.tasks):
+            return  # a late answer for a finished or unknown job
+        t = job.tasks[ev.index]
+        if t.state is _T.FINAL:
+            return  # recorded once, whatever came later
+        current = t.attempt == ev.attempt and t.worker == ev.worker and t.state is not _T.QUEUED
+        if ev.status == TaskStatus.OK:
+            if t.state is _T.OUT and not current:  # a stale attempt won the race
+                self._out.append(CancelAttempt(t.worker, job.job_id, t.index, t.attempt))
+            if t.state is _T.OUT:
+                self._release(job, t)
+            elif t.state is _T.QUEUED:
+                job.queue.remove(t.index)
+            job.duration_sum_s += ev.duration_s
+            job.duration_n += 1
+            self._final(job, t, TaskStatus.OK, ev.attempt, ev.worker)
+        elif current and t.state is _T.OUT:
+            self._attempt_failed(job, t, ev.worker, ev.status, self.workers.get(ev.worker))
+
+    def _attempt_failed(
+        self, job: _Job, t: _Task, worker: str, status: TaskStatus, w: _Worker | None
+    ) -> None:
+        if w is not None and w.out.get((job.job_id, t.index)) is t:
+            self._release(job, t, w)
+        t.failures += 1
+        t.failed_on.add(worker)
+        job.bad_workers[worker] = job.bad_workers.get(worker, 0) + 1
+        if status in _NO_RETRY or t.failures > job.retries:
+            job.failed += 1
+            self._final(job, t, status, t.attempt, worker)
+            return
+        self._requeue(job, t)
+
+    def _requeue(self, job: _Job, t: _Task) -> None:
+        t.state, t.worker, t.started_at = _T.QUEUED, "", None
+        job.queue.appendleft(t.index)  # retries first
+        if job.job_id not in self._active:
+            self._active.appendleft(job.job_id)
+
+    def _final(self, job: _Job, t: _Task, status: TaskStatus, attempt: int, worker: str) -> None:
+        t.state = _T.FINAL
+        self._out.append(TaskSettled(job.job_id, t.index, status, attempt, worker, t.attempt))
+        job.unsettled -= 1
+        if job.unsettled == 0:
+            self._settle_job(job)
+
+    # -- time -----------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.heartbeat_timeout_s:
+                self._worker_left(w.name, TaskStatus.LOST)
+        for w in list(self.workers.values()):
+            for (job_id, _), t in list(w.out.items()):
+                job = self.jobs[job_id]
+                started = t.started_at
+                if job.timeout_s > 0 and started is not None and now - started > job.timeout_s:
+                    self._out.append(CancelAttempt(w.name, job_id, t.index, t.attempt))
+                    self._attempt_failed(job, t, w.name, TaskStatus.TIMEOUT, w)
+        if self._orphans:
+            keep = []
+            for job_id, t in self._orphans:
+                job = self.jobs.get(job_id)
+                if job is None or t.state is not _T.ORPHAN:
+                    continue
+                if now >= t.orphan_deadline:
+                    self._requeue(job, t)  # not the task's fault: no failure counted
+                else:
+                    keep.append((job_id, t))
+            self._orphans = keep
+
+    # -- placement ------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        if not self._active or not self.workers:
+            return
+        # Free slots first across all workers, then prefetch: spreads work before queueing it.
+        for allow_prefetch in (False, True):
+            for w in self.workers.values():
+                while not w.draining and self._assign_one(w, allow_prefetch):
+                    pass
+
+    def _assign_one(self, w: _Worker, allow_prefetch: bool) -> bool:
+        room = w.slots + (self.prefetch if allow_prefetch else 0) - w.used_slots
+        if room < 1:
+            return False  # full: no need to look at any job (keeps a burst of jobs O(n))
+        for _ in range(len(self._active)):
+            job_id = self._active[0]
+            job = self.jobs.get(job_id)
+            if job is None or not job.queue:
+                self._active.popleft()
+                continue
+            self._active.rotate(-1)
+            if not self._fits(w, job, allow_prefetch) or self._kept_off(w, job):
+                continue
+            index = self._pop_task_for(job, w)
+            if index is None:
+                continue
+            t = job.tasks[index]
+            t.attempt += 1
+            t.state, t.worker, t.started_at = _T.OUT, w.name, None
+            self._take(w, job, t)
+            self._out.append(AssignTask(w.name, job.job_id, index, t.attempt))
+            return True
+        return False
+
+    def _fits(self, w: _Worker, job: _Job, allow_prefetch: bool) -> bool:
+        res = job.resources
+        if not w.can_ever_run(res) or w.used_gpus + res.gpus > w.gpus:
+            return False
+        if w.used_slots + job.cost <= w.slots:
+            return True
+        if not allow_prefetch or res.gpus:
+            return False
+        short = job.duration_n == 0 or (
+            job.duration_sum_s / job.duration_n < self.prefetch_max_task_s
+        )
+        return short and w.used_slots + job.cost <= w.slots + self.prefetch
+
+    def _kept_off(self, w: _Worker, job: _Job) -> bool:
+        if job.bad_workers.get(w.name, 0) < BAD_WORKER_FAILURES:
+            return False
+        return any(
+            x is not w
+            and x.can_ever_run(job.resources)
+            and job.bad_workers.get(x.name, 0) < BAD_WORKER_FAILURES
+            for x in self.workers.values()
+        )
+
+    def _pop_task_for(self, job: _Job, w: _Worker) -> int | None:
+        """The first queued task that should run on ``w``: retries avoid the workers they
+        failed on while another fitting worker exists."""
+        for pos, index in enumerate(job.queue):
+            t = job.tasks[index]
+            if w.name in t.failed_on and self._other_worker_for(job, t.failed_on):
+                continue
+            del job.queue[pos]
+            return index
+        return None
+
+    def _other_worker_for(self, job: _Job, avoid: Iterable[str]) -> bool:
+        avoid = set(avoid)
+        return any(
+            name not in avoid and x.can_ever_run(job.resources) for name, x in self.workers.items()
+        )
+
+    def _take(self, w: _Worker, job: _Job, t: _Task) -> None:
+        w.out[(job.job_id, t.index)] = t
+        w.used_slots += job.cost
+        w.used_gpus += job.resources.gpus
+
+    def _release(self, job: _Job, t: _Task, w: _Worker | None = None) -> None:
+        w = w or self.workers.get(t.worker)
+        if w is not None and w.out.pop((job.job_id, t.index), None) is not None:
+            w.used_slots -= job.cost
+            w.used_gpus -= job.resources.gpus

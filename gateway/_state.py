@@ -1,0 +1,288 @@
+"""The gateway's state in SQLite: jobs, tasks, attempts, results, kept outputs.
+
+WAL mode, one connection, owned by the gateway's event loop thread. Writes are buffered and
+committed together by ``flush()``, which the server calls once per loop turn (group commit), so
+a burst of thousands of results costs one transaction. A gateway killed at any point restarts
+from the last committed turn: ``unfinished_jobs()`` is what it resumes.
+
+Payloads (functions, task arguments, results) small enough live in the database; larger ones in
+the blob store, referenced by digest.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from gateway._blobs import BlobStore, pack_payload, unpack_payload
+from gateway._messages import JobInfo, JobSpec, Output, Payload, Resources, Status, TaskDone
+
+__all__ = ["StateStore", "UnfinishedJob"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS functions (key TEXT PRIMARY KEY, payload BLOB, ref TEXT);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, name TEXT, fn_key TEXT, n_tasks INTEGER, resources BLOB,
+    timeout_s REAL, retries INTEGER, meta BLOB, state INTEGER, error TEXT,
+    created REAL, finished REAL, done INTEGER DEFAULT 0, failed INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id TEXT, idx INTEGER, args BLOB, args_ref TEXT,
+    status INTEGER, value BLOB, value_ref TEXT, error TEXT, worker TEXT,
+    attempts INTEGER DEFAULT 0, duration_s REAL, finished REAL,
+    PRIMARY KEY (job_id, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT, idx INTEGER, attempt INTEGER, worker TEXT, status INTEGER, error TEXT,
+    assigned REAL, started REAL, finished REAL, PRIMARY KEY (job_id, idx, attempt))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outputs (
+    job_id TEXT, idx INTEGER, seq INTEGER PRIMARY KEY AUTOINCREMENT, record BLOB);
+CREATE INDEX IF NOT EXISTS outputs_by_task ON outputs (job_id, idx);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedJob:
+    spec: JobSpec
+    settled: tuple[int, ...]
+    out: tuple[tuple[int, int, str], ...]  # (index, attempt, worker) without an outcome
+
+
+class StateStore:
+    """See the module docstring. Not thread-safe: one owner, the gateway loop."""
+
+    def __init__(self, path: Path, blobs: BlobStore, *, inline_bytes: int = 1 << 20) -> None:
+        self.blobs = blobs
+        self.inline_bytes = inline_bytes
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._pending: dict[str, list[tuple[Any, ...]]] = {}
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+    # -- buffered writes --------------------------------------------------------------------
+
+    def _later(self, sql: str, row: tuple[Any, ...]) -> None:
+        self._pending.setdefault(sql, []).append(row)
+
+    def flush(self) -> int:
+        """Commit everything buffered in one transaction; return the number of rows."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, {}
+        n = 0
+        with self._db:
+            self._db.execute("BEGIN")
+            for sql, rows in pending.items():
+                self._db.executemany(sql, rows)
+                n += len(rows)
+        return n
+
+    def _payload_columns(self, p: Payload) -> tuple[bytes | None, str | None]:
+        if p.nbytes <= self.inline_bytes:
+            return pack_payload(p), None
+        return None, self.blobs.put(p)
+
+    def _payload_from(self, raw: bytes | None, ref: str | None) -> Payload:
+        return unpack_payload(raw) if raw is not None else self.blobs.get(ref or "")
+
+    def put_function(self, key: str, fn: Payload) -> None:
+        raw, ref = self._payload_columns(fn)
+        self._later("INSERT OR IGNORE INTO functions VALUES (?, ?, ?)", (key, raw, ref))
+
+    def add_job(self, spec: JobSpec, args: Iterable[Payload], now: float) -> None:
+        r = spec.resources
+        self._later(
+            "INSERT OR IGNORE INTO jobs (id, name, fn_key, n_tasks, resources, timeout_s, "
+            "retries, meta, state, error, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                spec.job_id,
+                spec.name,
+                spec.fn_key,
+                spec.n_tasks,
+                msgpack.packb([r.cpus, r.gpus, list(r.tags)]),
+                spec.timeout_s,
+                spec.retries,
+                msgpack.packb(spec.meta),
+                int(Status.QUEUED),
+                "",
+                now,
+            ),
+        )
+        for i, a in enumerate(args):
+            raw, ref = self._payload_columns(a)
+            self._later(
+                "INSERT OR IGNORE INTO tasks (job_id, idx, args, args_ref) VALUES (?,?,?,?)",
+                (spec.job_id, i, raw, ref),
+            )
+
+    def attempt_assigned(self, job_id: str, index: int, attempt: int, worker: str) -> None:
+        self._later(
+            "INSERT OR REPLACE INTO attempts (job_id, idx, attempt, worker, assigned) "
+            "VALUES (?,?,?,?,?)",
+            (job_id, index, attempt, worker, time.time()),
+        )
+
+    def attempt_started(self, job_id: str, index: int, attempt: int) -> None:
+        self._later(
+            "UPDATE attempts SET started=? WHERE job_id=? AND idx=? AND attempt=?",
+            (time.time(), job_id, index, attempt),
+        )
+
+    def attempt_ended(self, job_id: str, index: int, attempt: int, status: int, error: str) -> None:
+        self._later(
+            "UPDATE attempts SET status=?, error=?, finished=? "
+            "WHERE job_id=? AND idx=? AND attempt=?",
+            (status, error, time.time(), job_id, index, attempt),
+        )
+
+    def task_settled(self, done: TaskDone) -> None:
+        raw, ref = self._payload_columns(done.value) if done.value is not None else (None, None)
+        self._later(
+            "UPDATE tasks SET status=?, value=?, value_ref=?, error=?, worker=?, attempts=?, "
+            "duration_s=?, finished=?, args=NULL WHERE job_id=? AND idx=? AND status IS NULL",
+            (
+                done.status,
+                raw,
+                ref,
+                done.error,
+                done.worker,
+                done.attempts,
+                done.duration_s,
+                time.time(),
+                done.job_id,
+                done.index,
+            ),
+        )
+
+    def job_settled(self, job_id: str, state: Status, error: str, done: int, failed: int) -> None:
+        self._later(
+            "UPDATE jobs SET state=?, error=?, finished=?, done=?, failed=? WHERE id=?",
+            (int(state), error, time.time(), done, failed, job_id),
+        )
+
+    def job_running(self, job_id: str) -> None:
+        self._later("UPDATE jobs SET state=? WHERE id=? AND state=?", (1, job_id, 0))
+
+    def add_output(self, out: Output) -> None:
+        record = msgpack.packb([out.item, out.kind, out.data, out.extra])
+        self._later(
+            "INSERT INTO outputs (job_id, idx, record) VALUES (?,?,?)",
+            (out.job_id, out.index, record),
+        )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def function(self, key: str) -> Payload | None:
+        row = self._db.execute("SELECT payload, ref FROM functions WHERE key=?", (key,)).fetchone()
+        return self._payload_from(*row) if row else None
+
+    def task_args(self, job_id: str, index: int) -> Payload:
+        row = self._db.execute(
+            "SELECT args, args_ref FROM tasks WHERE job_id=? AND idx=?", (job_id, index)
+        ).fetchone()
+        if row is None or (row[0] is None and row[1] is None):
+            raise KeyError(f"no arguments stored for task {job_id}[{index}]")
+        return self._payload_from(*row)
+
+    def _spec(self, row: tuple[Any, ...]) -> JobSpec:
+        job_id, name, fn_key, n_tasks, res, timeout_s, retries, meta = row
+        cpus, gpus, tags = msgpack.unpackb(res)
+        return JobSpec(
+            job_id,
+            name,
+            fn_key,
+            None,
+            n_tasks,
+            Resources(cpus, gpus, tuple(tags)),
+            timeout_s,
+            retries,
+            msgpack.unpackb(meta),
+        )
+
+    _SPEC_COLUMNS = "id, name, fn_key, n_tasks, resources, timeout_s, retries, meta"
+
+    def job_spec(self, job_id: str) -> tuple[JobSpec, Status, str] | None:
+        row = self._db.execute(
+            f"SELECT {self._SPEC_COLUMNS}, state, error FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return self._spec(row[:8]), Status(row[8]), row[9]
+
+    def unfinished_jobs(self) -> list[UnfinishedJob]:
+        out = []
+        for row in self._db.execute(
+            f"SELECT {self._SPEC_COLUMNS} FROM jobs WHERE state < ? ORDER BY created",
+            (int(Status.DONE),),
+        ).fetchall():
+            spec = self._spec(row)
+            settled = tuple(
+                i
+                for (i,) in self._db.execute(
+                    "SELECT idx FROM tasks WHERE job_id=? AND status IS NOT NULL", (spec.job_id,)
+                )
+            )
+            running = self._db.execute(
+                "SELECT a.idx, a.attempt, a.worker FROM attempts a JOIN tasks t "
+                "ON a.job_id=t.job_id AND a.idx=t.idx WHERE a.job_id=? AND a.status IS NULL "
+                "AND t.status IS NULL AND a.attempt = (SELECT MAX(attempt) FROM attempts b "
+                "WHERE b.job_id=a.job_id AND b.idx=a.idx)",
+                (spec.job_id,),
+            ).fetchall()
+            out.append(UnfinishedJob(spec, settled, tuple(running)))
+        return out
+
+    def settled_tasks(self, job_id: str) -> list[TaskDone]:
+        rows = self._db.execute(
+            "SELECT idx, status, value, value_ref, error, worker, attempts, duration_s "
+            "FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx",
+            (job_id,),
+        ).fetchall()
+        return [
+            TaskDone(
+                job_id,
+                idx,
+                status,
+                self._payload_from(raw, ref) if (raw is not None or ref) else None,
+                error or "",
+                worker or "",
+                attempts or 0,
+                duration or 0.0,
+            )
+            for idx, status, raw, ref, error, worker, attempts, duration in rows
+        ]
+
+    def outputs(self, job_id: str, index: int = -1) -> list[Output]:
+        sql = "SELECT idx, record FROM outputs WHERE job_id=?"
+        params: tuple[Any, ...] = (job_id,)
+        if index >= 0:
+            sql += " AND idx=?"
+            params += (index,)
+        result = []
+        for idx, record in self._db.execute(sql + " ORDER BY seq", params):
+            item, kind, data, extra = msgpack.unpackb(record, raw=False)
+            result.append(Output(job_id, idx, item, kind, data, extra))
+        return result
+
+    def jobs(self, limit: int = 50, unfinished_only: bool = False) -> list[JobInfo]:
+        where = f"WHERE state < {int(Status.DONE)}" if unfinished_only else ""
+        rows = self._db.execute(
+            "SELECT id, name, state, n_tasks, done, failed, created, finished, error FROM jobs "
+            f"{where} ORDER BY created DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            JobInfo(i, n, s, nt, d or 0, f or 0, c, fin or 0.0, e or "")
+            for i, n, s, nt, d, f, c, fin, e in rows
+        ]

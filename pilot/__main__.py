@@ -1,0 +1,5 @@
+import sys
+
+from pilot._cli import main
+
+sys.exit(main())

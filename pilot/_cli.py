@@ -1,0 +1,309 @@
+"""The ``pilot`` command line. Builds settings from flags and ``PILOT_*`` variables (the edge),
+then runs the gateway, a worker, a local cluster, or asks a running gateway something."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gateway import (
+    Client,
+    ConnectionInfo,
+    GatewaySettings,
+    PilotError,
+    Status,
+    WorkerSettings,
+    default_home,
+    find_connection,
+)
+from gateway._settings import new_key
+
+STATES = {s.value: s.name.lower() for s in Status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("PILOT_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args) or 0)
+    except PilotError as exc:
+        print(f"pilot: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pilot", description="Parallel Pilot")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="gateway + local workers (the embedded default)")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--slots", type=int, default=1)
+    up.set_defaults(run=_up)
+
+    gw = sub.add_parser("gateway", help="run a gateway")
+    gw.add_argument("--bind", default="127.0.0.1")
+    gw.add_argument("--client-port", type=int, default=0)
+    gw.add_argument("--worker-port", type=int, default=0)
+    gw.add_argument("--http-port", default="0", help="a port, 0 for any, or 'none'")
+    gw.add_argument("--state", type=Path, default=None, help="default $PILOT_HOME/state")
+    gw.add_argument("--connection-file", type=Path, default=None)
+    gw.add_argument("--ready-line", action="store_true", help=argparse.SUPPRESS)
+    gw.set_defaults(run=_gateway)
+
+    wk = sub.add_parser("worker", help="run a worker")
+    wk.add_argument("--connect", default=None, help="connection file or tcp://HOST:PORT")
+    wk.add_argument("--slots", type=int, default=1)
+    wk.add_argument("--tags", default="")
+    wk.add_argument("--name", default=None)
+    wk.add_argument("--cache-size", default="20GB")
+    wk.set_defaults(run=_worker)
+
+    st = sub.add_parser("status", help="workers and running jobs")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--wait-workers", type=int, default=0)
+    st.add_argument("--timeout", type=float, default=30.0)
+    st.set_defaults(run=_status)
+
+    jobs = sub.add_parser("jobs", help="recent jobs")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(run=_jobs)
+
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job")
+    cancel.set_defaults(run=_cancel)
+
+    logs = sub.add_parser("logs", help="a job's kept outputs")
+    logs.add_argument("job")
+    logs.add_argument("task", nargs="?", type=int, default=-1)
+    logs.set_defaults(run=_logs)
+
+    kernel = sub.add_parser("kernel", help="install the Parallel Pilot Jupyter kernel")
+    ksub = kernel.add_subparsers(required=True, metavar="ACTION")
+    for action in ("install", "uninstall"):
+        k = ksub.add_parser(action)
+        where = k.add_mutually_exclusive_group()
+        where.add_argument("--user", action="store_true")
+        where.add_argument("--sys-prefix", action="store_true")
+        where.add_argument("--prefix", default=None)
+        k.add_argument("--name", default="parallel-pilot")
+        k.set_defaults(run=_kernel, action=action)
+    return p
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+def _load_or_create_key(state: Path) -> str:
+    path = state / "key"
+    if path.exists():
+        return path.read_text().strip()
+    state.mkdir(parents=True, exist_ok=True)
+    key = new_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+def _previous_ports(state: Path) -> dict[str, int]:
+    """A restarted gateway takes its old ports again, so peers reconnect by themselves."""
+    try:
+        return json.loads((state / "ports.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from gateway._server import Gateway
+
+    home = default_home()
+    state = args.state or home / "state"
+    old = _previous_ports(state)
+    http: int | None = None if args.http_port == "none" else int(args.http_port)
+    settings = GatewaySettings(
+        state_dir=state,
+        bind=args.bind,
+        client_port=args.client_port or old.get("client", 0),
+        worker_port=args.worker_port or old.get("worker", 0),
+        http_port=None if http is None else (http or old.get("http", 0)),
+        key=_load_or_create_key(state),
+        connection_file=args.connection_file or home / "connection.json",
+        max_message_bytes=int(os.environ.get("PILOT_MAX_MESSAGE_BYTES", 1 << 30)),
+    )
+
+    async def serve() -> None:
+        async with Gateway(settings) as gw:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, gw.stop)
+            info = gw.connection
+            assert info is not None
+            ports = {
+                "client": _port(info.client_url),
+                "worker": _port(info.worker_url),
+                "http": _port(info.http_url) if info.http_url else 0,
+            }
+            (state / "ports.json").write_text(json.dumps(ports))
+            if args.ready_line:
+                print("READY " + json.dumps(asdict(info)), flush=True)
+            else:
+                print(f"gateway ready: clients {info.client_url}, workers {info.worker_url}")
+                print(f"connection file: {settings.connection_file}")
+                if info.http_url:
+                    print(f"dashboard: {info.http_url}")
+            await gw.serve_forever()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _port(url: str) -> int:
+    return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker import Worker, parse_size
+
+    connection = find_connection(args.connect)
+    settings = WorkerSettings(
+        connection=connection,
+        name=args.name or f"{socket.gethostname()}-{os.getpid()}",
+        slots=args.slots,
+        tags=tuple(t for t in args.tags.split(",") if t),
+        cache_bytes=parse_size(args.cache_size),
+        max_message_bytes=int(os.environ.get("PILOT_MAX_MESSAGE_BYTES", 1 << 30)),
+    )
+
+    async def serve() -> None:
+        async with Worker(settings) as w:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, w.stop)
+            await w.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from pilot._cluster import LocalCluster
+
+    home = default_home()
+    t0 = time.perf_counter()
+    cluster = LocalCluster(args.workers, slots=args.slots, home=home)
+    stop = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    with cluster:
+        took = time.perf_counter() - t0
+        info = cluster.connection
+        assert info is not None
+        print(f"Parallel Pilot is up: {args.workers} workers ready in {took:.2f}s.")
+        print(f"  connection file  {cluster.connection_file}")
+        print(f"  state            {home / 'state'}")
+        if info.http_url:
+            print(f"  dashboard        {info.http_url}")
+        print("Press Ctrl-C to stop.", flush=True)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not stop:
+            signal.pause()
+    print("stopped.")
+    return 0
+
+
+# -- asking a gateway ---------------------------------------------------------------------
+
+
+def _client() -> Client:
+    return Client(find_connection())
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client() as c:
+        reply = c.status(args.wait_workers, args.timeout if args.wait_workers else 0.0)
+    if args.json:
+        print(json.dumps(asdict(reply), indent=2, default=str))
+    else:
+        print(f"gateway {reply.gateway_id}: {len(reply.workers)} workers, {len(reply.jobs)} jobs")
+        for w in reply.workers:
+            gpus = f", {len(w.gpus)} GPUs" if w.gpus else ""
+            tags = f", tags {','.join(w.tags)}" if w.tags else ""
+            print(f"  {w.name}: {w.running}/{w.slots} slots busy{gpus}{tags}, {w.tasks_done} done")
+        for j in reply.jobs:
+            print(f"  job {j.job_id} {j.name}: {STATES[j.state]} {j.done}/{j.n_tasks}")
+    if args.wait_workers and len(reply.workers) < args.wait_workers:
+        return 1
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    with _client() as c:
+        jobs = c.jobs(args.limit)
+    if args.json:
+        print(json.dumps([asdict(j) for j in jobs], indent=2))
+        return 0
+    for j in jobs:
+        when = time.strftime("%H:%M:%S", time.localtime(j.created))
+        print(f"{j.job_id}  {when}  {STATES[j.state]:9}  {j.done}/{j.n_tasks}  {j.name}")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client() as c:
+        job = c.attach(args.job)
+        job.cancel()
+    print(f"cancelled {args.job}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    with _client() as c:
+        outs = c.logs(args.job, args.task)
+    for out in outs:
+        if out.kind in ("stdout", "stderr"):
+            stream = sys.stdout if out.kind == "stdout" else sys.stderr
+            stream.write(out.data.decode(errors="replace"))
+        elif out.kind == "display":
+            print(out.data.get("text/plain", "<display>"))
+    return 0
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    from pilot_kernel import install, uninstall
+
+    where = {"user": args.user, "sys_prefix": args.sys_prefix, "prefix": args.prefix}
+    if args.action == "install":
+        path = install(name=args.name, **where)
+        print(f"installed kernelspec {args.name} in {path}")
+    else:
+        path = uninstall(name=args.name, **where)
+        print(f"removed {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["ConnectionInfo", "main"]

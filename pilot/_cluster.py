@@ -1,0 +1,190 @@
+"""``LocalCluster``: the embedded default. A gateway and N workers as local processes.
+
+Entering starts ``pilot gateway`` (state in ``home/state``: SQLite and blobs), waits for its
+ready line, starts the workers and waits until they are registered; leaving stops the workers
+(SIGTERM: they finish or hand back) and then the gateway. ``pilot up`` is this, in the
+foreground. Every process it starts, it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from gateway import Client, ConnectionInfo, PilotError, PilotTimeout, Timeouts
+
+__all__ = ["LocalCluster"]
+
+GATEWAY_READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+def _read_line(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from a child's stdout, or b"" past the deadline."""
+    sel = selectors.DefaultSelector()
+    sel.register(stream, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            return b""
+        return stream.readline()
+    finally:
+        sel.close()
+
+
+class LocalCluster:
+    """A gateway plus ``workers`` local workers of ``slots`` slots each.
+
+    ``home`` holds the state and the connection file (a temporary directory when None, removed
+    at exit). ``env`` is added to the processes' environment.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        slots: int = 1,
+        home: str | Path | None = None,
+        http: bool = True,
+        env: dict[str, str] | None = None,
+        worker_args: tuple[str, ...] = (),
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self.n_workers = workers
+        self.slots = slots
+        self._tmp = None if home is not None else tempfile.TemporaryDirectory(prefix="pilot-")
+        self.home = Path(home if home is not None else self._tmp.name)  # type: ignore[union-attr]
+        self.http = http
+        self.env = {**os.environ, **(env or {}), "PILOT_HOME": str(self.home)}
+        self.worker_args = worker_args
+        self.timeouts = timeouts or Timeouts()
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.connection: ConnectionInfo | None = None
+        self._clients: list[Client] = []
+
+    @property
+    def connection_file(self) -> Path:
+        return self.home / "connection.json"
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, wait: bool = True) -> None:
+        self.start_gateway()
+        for _ in range(self.n_workers):
+            self.add_worker()
+        if wait:
+            self.wait_for_workers(self.n_workers)
+
+    def start_gateway(self) -> ConnectionInfo:
+        """Start (or restart, on the same state) the gateway; return its connection."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "pilot",
+            "gateway",
+            "--state",
+            str(self.home / "state"),
+            "--connection-file",
+            str(self.connection_file),
+            "--ready-line",
+        ]
+        if not self.http:
+            cmd += ["--http-port", "none"]
+        self.gateway = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=self.env)
+        assert self.gateway.stdout is not None
+        line = _read_line(self.gateway.stdout, GATEWAY_READY_TIMEOUT_S)
+        if not line.startswith(b"READY "):
+            code = self.gateway.poll()
+            raise PilotError(
+                f"The gateway did not start (exit code {code}); see the messages above."
+            )
+        self.connection = ConnectionInfo(**json.loads(line[6:]))
+        return self.connection
+
+    def add_worker(self, *extra: str, name: str | None = None) -> subprocess.Popen[bytes]:
+        index = len(self.workers)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pilot",
+            "worker",
+            "--connect",
+            str(self.connection_file),
+            "--slots",
+            str(self.slots),
+            "--name",
+            name or f"local-{index}",
+            *self.worker_args,
+            *extra,
+        ]
+        proc = subprocess.Popen(cmd, env=self.env)
+        self.workers.append(proc)
+        return proc
+
+    def client(self) -> Client:
+        """A client of this cluster, closed with it."""
+        if self.connection is None:
+            raise PilotError("The cluster is not started.")
+        c = Client(self.connection, timeouts=self.timeouts)
+        self._clients.append(c)
+        return c
+
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
+        with Client(self.connection, timeouts=self.timeouts) as c:  # type: ignore[arg-type]
+            c.wait_for_workers(n, timeout)
+
+    def kill_gateway(self) -> None:
+        """SIGKILL the gateway (for failure tests)."""
+        if self.gateway is not None:
+            self.gateway.kill()
+            self.gateway.wait()
+
+    def stop(self) -> None:
+        for c in self._clients:
+            try:
+                c.close()
+            except PilotError as exc:  # a dead gateway must not keep us from stopping
+                print(f"closing a client: {exc}", file=sys.stderr)
+        self._clients.clear()
+        procs = [p for p in self.workers if p.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        _wait_all(procs, STOP_TIMEOUT_S)
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.send_signal(signal.SIGTERM)
+            _wait_all([self.gateway], STOP_TIMEOUT_S)
+        if self.gateway is not None and self.gateway.stdout is not None:
+            self.gateway.stdout.close()
+        self.workers.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _wait_all(procs: list[Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if procs and any(p.returncode is None for p in procs):
+        raise PilotTimeout("Some local processes did not stop.")

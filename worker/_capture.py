@@ -1,0 +1,141 @@
+"""Capturing what a task prints and displays, labelled with the task and item that made it.
+
+Two paths, because both kinds of output exist:
+
+- Python-level writes (``print``, ``sys.stderr.write``, ``display()``) go to in-process streams
+  that record the *current* label exactly, with no system call per item;
+- file-descriptor-level writes (C extensions, ``os.write``, subprocesses) go to pipes that
+  replace fds 1 and 2; a reader thread tags them with the label current when it reads them.
+
+A flusher thread sends what accumulated at least every ``FLUSH_S`` (and at once past
+``FLUSH_BYTES``); ``drain()`` sends everything written so far, in order, before a result.
+Owned by the task process; ``emit`` is called with the lock held, from either thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import select
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from gateway import Output
+
+__all__ = ["Capture"]
+
+FLUSH_S = 0.05
+FLUSH_BYTES = 64 * 1024
+_READ_BYTES = 64 * 1024
+
+
+class _Stream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` inside a task: appends to the capture's pending list."""
+
+    def __init__(self, capture: Capture, kind: str, fileno: int) -> None:
+        self._capture = capture
+        self._kind = kind
+        self._fileno = fileno
+
+    def write(self, s: str) -> int:
+        if s:
+            self._capture.add(self._kind, s.encode("utf-8", "replace"))
+        return len(s)
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+class Capture:
+    """See the module docstring. ``emit(outputs)`` sends a list of ``Output``s."""
+
+    def __init__(self, emit: Callable[[list[Output]], None]) -> None:
+        self._emit = emit
+        self.lock = threading.Lock()
+        self._pending: list[tuple[tuple[str, int, int], str, Any, dict[str, Any]]] = []
+        self._pending_bytes = 0
+        self.label: tuple[str, int, int] = ("", -1, -1)
+        self._stop = threading.Event()
+        self._pipes: dict[int, str] = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Redirect fds 1 and 2 and ``sys.stdout``/``sys.stderr``; start the flusher."""
+        for fd, kind in ((1, "stdout"), (2, "stderr")):
+            r, w = os.pipe()
+            os.dup2(w, fd)
+            os.close(w)
+            fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_NONBLOCK)
+            self._pipes[r] = kind
+        sys.stdout = _Stream(self, "stdout", 1)
+        sys.stderr = _Stream(self, "stderr", 2)
+        self._thread = threading.Thread(target=self._run, name="pilot-capture", daemon=True)
+        self._thread.start()
+
+    def add(self, kind: str, data: Any, extra: dict[str, Any] | None = None) -> None:
+        """Record output under the current label (any thread)."""
+        with self.lock:
+            self._pending.append((self.label, kind, data, extra or {}))
+            self._pending_bytes += len(data) if isinstance(data, bytes) else 1024
+            if self._pending_bytes >= FLUSH_BYTES:
+                self._send_locked()
+
+    def drain(self) -> None:
+        """Send everything written so far (called before a task's result)."""
+        with self.lock:
+            self._read_pipes_locked()
+            self._send_locked()
+
+    def _run(self) -> None:
+        fds = list(self._pipes)
+        while not self._stop.is_set():
+            readable, _, _ = select.select(fds, [], [], FLUSH_S)
+            with self.lock:
+                if readable:
+                    self._read_pipes_locked()
+                self._send_locked()
+
+    def _read_pipes_locked(self) -> None:
+        for r, kind in self._pipes.items():
+            while True:
+                try:
+                    chunk = os.read(r, _READ_BYTES)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                self._pending.append((self.label, kind, chunk, {}))
+                if len(chunk) < _READ_BYTES:
+                    break
+
+    def _send_locked(self) -> None:
+        if not self._pending:
+            return
+        outputs: list[Output] = []
+        for label, kind, data, extra in self._pending:
+            last = outputs[-1] if outputs else None
+            if (
+                last is not None
+                and kind in ("stdout", "stderr")
+                and last.kind == kind
+                and (last.job_id, last.index, last.item) == label
+            ):
+                outputs[-1] = Output(*label, kind, last.data + data)
+            else:
+                outputs.append(Output(*label, kind, data, extra))
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._emit(outputs)

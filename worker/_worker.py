@@ -1,0 +1,391 @@
+"""The worker: connects out to a gateway, registers, runs what it is assigned, reports back.
+
+``Worker`` is an async context manager. Entering starts the task processes and waits until they
+are ready; ``run()`` then serves until ``stop()`` (SIGTERM) or a fatal refusal. It:
+
+- connects a DEALER whose identity is its name (no inbound port: it can sit behind NAT), says
+  ``WorkerHello`` with its resources and what it still holds, and heartbeats;
+- reconnects with backoff when the gateway is silent past the deadline or refuses it with
+  ``retry`` (the gateway restarted), re-announcing the attempts it holds so they are adopted;
+- keeps assignments in a local queue, runs each on an idle task process when the slots it needs
+  are free, forwards outputs as they come and results when they end;
+- on cancel, interrupts the task process (SIGINT, then SIGKILL after the grace period);
+- on ``stop()``, hands back what it has not started, finishes what runs (up to ``stop_grace_s``),
+  says goodbye and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from gateway import Codec, Payload, WorkerSettings
+from gateway._messages import (
+    Assign,
+    Assignment,
+    CancelTasks,
+    Goodbye,
+    Heartbeat,
+    Output,
+    Outputs,
+    Refused,
+    TaskAttempt,
+    TaskResult,
+    TaskResults,
+    TasksStarted,
+    TaskStatus,
+    Welcome,
+    WorkerHello,
+)
+from worker._devices import cpu_count, detect_gpus, memory_bytes
+from worker._pool import Child, TaskPool
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("pilot.worker")
+
+RECONNECT_MAX_S = 5.0
+FN_CACHE = 128
+READY_TIMEOUT_S = 60.0
+
+
+class WorkerState(enum.Enum):
+    NEW = "new"
+    CONNECTING = "connecting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Worker:
+    """See the module docstring."""
+
+    def __init__(self, settings: WorkerSettings, *, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.state = WorkerState.NEW
+        self._ctx = zmq.asyncio.Context()
+        self._codec = Codec(settings.connection.key, max_message_bytes=settings.max_message_bytes)
+        self._local = Codec(None, max_message_bytes=settings.max_message_bytes)
+        self.pool = TaskPool(self._ctx, settings.slots, on_exit=self._child_exited, env=env)
+        self.gpus = detect_gpus()
+        self._gw: zmq.asyncio.Socket | None = None
+        self._queue: deque[Assignment] = deque()
+        self._holding: dict[tuple[str, int], Assignment] = {}
+        self._fns: dict[str, Payload] = {}
+        self._used_slots = 0
+        self._to_gateway: list[Any] = []
+        self._outputs: list[Output] = []
+        self._started: list[TaskAttempt] = []
+        self._results: list[TaskResult] = []
+        self._unsent_results: list[TaskResult] = []  # kept across reconnects
+        self._last_heard = time.monotonic()
+        self._welcomed = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self.gateway_id = ""
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        spawned = [self.pool.spawn() for _ in range(self.settings.slots)]
+        await asyncio.gather(*spawned)
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._group.create_task(self._serve_children())
+        await asyncio.wait_for(self._children_ready.wait(), READY_TIMEOUT_S)
+        self._connect()
+        self._group.create_task(self._serve_gateway())
+        self._group.create_task(self._heartbeat())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._group is not None:
+            await self._group.__aexit__(None, None, None)
+        await self.pool.close(self._send_child)
+        if self._gw is not None:
+            self._gw.close(linger=1000)
+        self._ctx.term()
+        self.state = WorkerState.STOPPED
+
+    @property
+    def _children_ready(self) -> asyncio.Event:
+        ev = getattr(self, "_ready_ev", None)
+        if ev is None:
+            ev = self._ready_ev = asyncio.Event()
+        return ev
+
+    async def wait_welcomed(self, timeout: float) -> None:
+        await asyncio.wait_for(self._welcomed.wait(), timeout)
+
+    async def run(self) -> None:
+        """Serve until ``stop()``; then drain and say goodbye."""
+        await self._stop.wait()
+        await self._drain()
+
+    def stop(self) -> None:
+        """Stop taking tasks, finish or hand back what runs, leave (the SIGTERM handler)."""
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        self.state = WorkerState.DRAINING
+        handed = tuple(TaskAttempt(a.job_id, a.index, a.attempt) for a in self._queue)
+        for a in self._queue:
+            self._holding.pop((a.job_id, a.index), None)
+        self._queue.clear()
+        self._send_gateway(Goodbye(handed, final=False))
+        deadline = time.monotonic() + self.settings.timeouts.stop_grace_s
+        while self._used_slots and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # results arrive through the serving loops
+        left = tuple(TaskAttempt(a.job_id, a.index, a.attempt) for a in self._holding.values())
+        self._flush()
+        self._send_gateway(Goodbye(left, final=True))
+
+    # -- gateway side -----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        if self._gw is not None:
+            self._gw.close(linger=0)
+        self.state = WorkerState.CONNECTING
+        self._welcomed.clear()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.settings.name.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(RECONNECT_MAX_S * 1000))
+        sock.connect(self.settings.connection.worker_url)
+        self._gw = sock
+        self._last_heard = time.monotonic()
+        self._hello()
+
+    def _hello(self) -> None:
+        s = self.settings
+        hello = WorkerHello(
+            s.name,
+            s.slots,
+            cpu_count(),
+            memory_bytes(),
+            self.gpus,
+            s.tags,
+            tuple(TaskAttempt(a.job_id, a.index, a.attempt) for a in self._holding.values()),
+            os.getpid(),
+        )
+        self._send_gateway(hello)
+
+    def _send_gateway(self, msg: Any) -> None:
+        assert self._gw is not None
+        zmq.Socket.shadow(self._gw.underlying).send_multipart(self._codec.encode(msg), copy=False)
+
+    async def _serve_gateway(self) -> None:
+        while not self._stop.is_set():
+            sock = self._gw
+            assert sock is not None
+            if not await sock.poll(timeout=100):
+                continue
+            shadow = zmq.Socket.shadow(sock.underlying)
+            while True:
+                try:
+                    frames = shadow.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    msg = self._codec.decode(frames).msg
+                except Exception as exc:
+                    log.warning("rejected a message from the gateway: %s", exc)
+                    continue
+                self._last_heard = time.monotonic()
+                self._on_gateway(msg)
+            self._dispatch()
+            self._flush()
+
+    def _on_gateway(self, msg: Any) -> None:
+        match msg:
+            case Welcome(gateway_id=gateway_id):
+                if self.state is WorkerState.CONNECTING:
+                    log.info("registered with gateway %s as %s", gateway_id, self.settings.name)
+                self.gateway_id = gateway_id
+                self.state = WorkerState.RUNNING
+                self._welcomed.set()
+                if self._unsent_results:
+                    self._results[:0] = self._unsent_results
+                    self._unsent_results = []
+            case Heartbeat():
+                pass
+            case Assign(tasks=tasks):
+                for a in tasks:
+                    if a.fn is not None:
+                        self._remember_fn(a.fn_key, a.fn)
+                    self._holding[(a.job_id, a.index)] = a
+                    self._queue.append(a)
+            case CancelTasks(attempts=attempts):
+                self._cancel(attempts)
+            case Refused(reason=reason, retry=True):
+                log.info("gateway asks us to register again (%s)", reason)
+                self._hello()
+            case Refused(reason=reason):
+                log.error("gateway refused this worker: %s", reason)
+                self._stop.set()
+
+    def _remember_fn(self, key: str, fn: Payload) -> None:
+        self._fns[key] = fn
+        if len(self._fns) > FN_CACHE:
+            self._fns.pop(next(iter(self._fns)))
+
+    def _cancel(self, attempts: tuple[TaskAttempt, ...]) -> None:
+        wanted = {(a.job_id, a.index, a.attempt) for a in attempts}
+        kept = deque(a for a in self._queue if (a.job_id, a.index, a.attempt) not in wanted)
+        for a in self._queue:
+            if (a.job_id, a.index, a.attempt) in wanted:
+                self._holding.pop((a.job_id, a.index), None)
+        self._queue = kept
+        for child in list(self.pool.children.values()):
+            t = child.task
+            if t is not None and (t.job_id, t.index, t.attempt) in wanted:
+                self.pool.interrupt(child, self.settings.timeouts.cancel_grace_s)
+
+    async def _heartbeat(self) -> None:
+        t = self.settings.timeouts
+        backoff = t.heartbeat_interval_s
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), t.heartbeat_interval_s)
+            if self._stop.is_set():
+                return
+            silent = time.monotonic() - self._last_heard
+            if silent > t.heartbeat_timeout_s + backoff:
+                log.warning("gateway silent for %.1fs: reconnecting", silent)
+                self._unsent_results.extend(self._results)
+                self._results.clear()
+                self._connect()
+                backoff = min(backoff * 2, RECONNECT_MAX_S)
+            else:
+                if self.state is WorkerState.RUNNING:
+                    backoff = t.heartbeat_interval_s
+                self._send_gateway(Heartbeat(self.settings.slots - self._used_slots))
+
+    def _flush(self) -> None:
+        """Send this turn's outputs, starts and results, in that order."""
+        if self.state is not WorkerState.RUNNING and self.state is not WorkerState.DRAINING:
+            return
+        if self._outputs:
+            self._send_gateway(Outputs(tuple(self._outputs)))
+            self._outputs.clear()
+        if self._started:
+            self._send_gateway(TasksStarted(tuple(self._started)))
+            self._started.clear()
+        if self._results:
+            self._send_gateway(TaskResults(tuple(self._results)))
+            self._results.clear()
+
+    # -- task processes ---------------------------------------------------------------------
+
+    async def _serve_children(self) -> None:
+        sock = self.pool.sock
+        shadow = zmq.Socket.shadow(sock.underlying)
+        while not self._stop.is_set() or self._used_slots:
+            if not await sock.poll(timeout=100):
+                continue
+            while True:
+                try:
+                    ident, *frames = shadow.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                child = self.pool.children.get(ident.bytes)
+                if child is None:
+                    continue
+                self._on_child(child, self._local.decode(frames).msg)
+            self._dispatch()
+            self._flush()
+
+    def _on_child(self, child: Child, msg: Any) -> None:
+        match msg:
+            case Heartbeat():
+                child.ready = True
+                if self.pool.all_ready:
+                    self._children_ready.set()
+            case Outputs(outputs=outputs):
+                self._outputs.extend(outputs)
+            case TaskResults(results=results):
+                for r in results:
+                    self._finish(child, r)
+
+    def _finish(self, child: Child, result: TaskResult) -> None:
+        task = child.task
+        child.task = None
+        child.interrupting = False
+        if task is None:
+            return
+        self._used_slots -= task.cpus
+        self._holding.pop((task.job_id, task.index), None)
+        self._results.append(result)
+
+    def _child_exited(self, child: Child, code: int) -> None:
+        task = child.task
+        if task is not None:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            if child.interrupting:
+                status, text = TaskStatus.CANCELLED, "Interrupted, then killed."
+            else:
+                status = TaskStatus.CRASHED
+                text = (
+                    f"The process running this task died ({how}). A segfault, os._exit or "
+                    "running out of memory does this."
+                )
+            self._finish(
+                child, TaskResult(task.job_id, task.index, task.attempt, status, None, text)
+            )
+        log.info("task process %s exited (%s); starting another", child.ident.decode(), code)
+        if not self._stop.is_set() and self._group is not None:
+            self._group.create_task(self._respawn())
+
+    async def _respawn(self) -> None:
+        await self.pool.spawn()
+        self._flush()
+
+    def _dispatch(self) -> None:
+        if self.state is WorkerState.DRAINING:
+            return
+        while self._queue:
+            a = self._queue[0]
+            if self._used_slots and self._used_slots + a.cpus > self.settings.slots:
+                return
+            child = self.pool.idle()
+            if child is None:
+                return
+            self._queue.popleft()
+            fn = None
+            if a.fn_key not in child.fns:
+                fn = self._fns.get(a.fn_key)
+                child.fns.add(a.fn_key)
+            if fn is not a.fn:
+                a = Assignment(
+                    a.job_id,
+                    a.index,
+                    a.attempt,
+                    a.fn_key,
+                    fn,
+                    a.args,
+                    a.timeout_s,
+                    a.meta,
+                    a.cpus,
+                    a.gpus,
+                )
+            child.task = a
+            self._used_slots += a.cpus
+            self._send_child(child.ident, Assign((a,)))
+            self._started.append(TaskAttempt(a.job_id, a.index, a.attempt))
+
+    def _send_child(self, ident: bytes, msg: Any) -> None:
+        shadow = zmq.Socket.shadow(self.pool.sock.underlying)
+        shadow.send_multipart([ident, *self._local.encode(msg)], copy=False)
