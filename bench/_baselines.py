@@ -1,0 +1,821 @@
+"""Baseline backends for ``bench/throughput.py``.
+
+Every backend is a context manager with the same four workloads, each returning a
+dict of figures (and raising :class:`WrongResult` if the answers are wrong):
+
+- ``noop_submits(n)``: submit ``n`` no-op tasks, then gather all results -> ``tasks_per_s``
+- ``map_items(n, chunk)``: map ``x + 1`` over ``n`` items, one task per ``chunk`` -> ``items_per_s``
+- ``round_trip(n)``: submit one no-op, wait for it, ``n`` times -> ``median_ms``, ``p90_ms``
+- ``big_arg(mb, repeats)``: one task whose argument is an ``mb`` MB numpy array
+  (returns only its size) -> ``median_gb_s`` (1 GB = 1e9 bytes)
+
+Backends:
+
+- :class:`RawZmq`: the limit. DEALER client -> ROUTER/ROUTER broker (subprocess or
+  thread) -> DEALER worker processes; pickle protocol 5 with numpy buffers as separate
+  zero-copy frames; no signing, no bookkeeping beyond task ids.
+- :class:`IpyParallel`: ``ipyparallel.Cluster`` on loopback, load-balanced view.
+- :class:`Dask`: ``distributed.LocalCluster`` with one single-threaded worker process each.
+
+A new backend subclasses :class:`Backend` and implements ``start``, ``stop``,
+``_run_noops``, ``_run_map`` and ``_run_one``; the timing and result checks are shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import pickle
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+
+#: Full-size parameters for each workload, keyed by method name.
+DEFAULT_SIZES: dict[str, dict[str, int]] = {
+    "noop_submits": {"n": 10_000},
+    "map_items": {"n": 100_000, "chunk": 1000},
+    "round_trip": {"n": 200},
+    "big_arg": {"mb": 100, "repeats": 5},
+}
+
+#: Small parameters for smoke tests.
+TINY_SIZES: dict[str, dict[str, int]] = {
+    "noop_submits": {"n": 50},
+    "map_items": {"n": 500, "chunk": 50},
+    "round_trip": {"n": 50},
+    "big_arg": {"mb": 1, "repeats": 2},
+}
+
+
+# --------------------------------------------------------------------------------------
+# Task functions: module level, so every backend ships them by reference (the workers
+# import this module; see _python_path()).
+# --------------------------------------------------------------------------------------
+
+
+def noop(x: Any = None) -> Any:
+    """The no-op task: returns its argument, so results can be checked."""
+    return x
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def inc_chunk(chunk: list[int]) -> list[int]:
+    """One map task: ``inc`` over a chunk of items."""
+    return [x + 1 for x in chunk]
+
+
+def nbytes_and_last(arr: np.ndarray) -> tuple[int, float]:
+    """The big-argument task: returns something small that proves the data arrived."""
+    return int(arr.nbytes), float(arr[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Shared machinery
+# --------------------------------------------------------------------------------------
+
+
+class BackendError(RuntimeError):
+    """A backend failed (task error, timeout, dead process)."""
+
+
+class BackendStartError(BackendError):
+    """A backend could not be started within its deadline."""
+
+
+class WrongResult(AssertionError):
+    """A workload returned wrong results."""
+
+
+def _search_path() -> list[str]:
+    # ROOT for ``bench._baselines``; BENCH_DIR for ``_baselines`` when a script in bench/
+    # imported this module by its bare name.
+    return [str(ROOT), str(BENCH_DIR)]
+
+
+@contextlib.contextmanager
+def _python_path() -> Iterator[None]:
+    """Temporarily put this module's directories on PYTHONPATH for spawned processes."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(_search_path() + ([old] if old else []))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def _call_with_deadline(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Run ``fn()`` in a daemon thread; raise BackendStartError if it takes too long."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=f"start-{what}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise BackendStartError(f"{what} did not start within {timeout:g}s")
+    if "error" in box:
+        raise BackendStartError(f"{what} failed to start: {box['error']!r}") from box["error"]
+    return box.get("value")
+
+
+def _chunks(items: list, chunk: int) -> list[list]:
+    return [items[i : i + chunk] for i in range(0, len(items), chunk)]
+
+
+class Backend:
+    """Base class: a context manager exposing the four workloads.
+
+    Subclasses implement:
+
+    - ``start()`` / ``stop()``: bring the workers up / tear everything down (``stop`` must
+      be safe to call after a partial start and more than once);
+    - ``_run_noops(n)``: submit ``noop(i)`` for ``i in range(n)``, all before gathering,
+      and return the results in order;
+    - ``_run_map(items, chunk)``: map ``inc`` over ``items`` with one task per ``chunk``
+      items and return the flat list of results;
+    - ``_run_one(fn, arg)``: run ``fn(arg)`` as one task and wait for its result.
+    """
+
+    name = "base"
+
+    def __init__(
+        self, n_workers: int = 2, *, start_timeout: float = 120.0, task_timeout: float = 600.0
+    ):
+        self.n_workers = n_workers
+        self.start_timeout = start_timeout
+        self.task_timeout = task_timeout
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Backend:
+        try:
+            self.start()
+            self._warmup()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _warmup(self) -> None:
+        """Pay first-use costs (imports, connections, caches) outside the timings."""
+        self._run_noops(4 * self.n_workers)
+        self._run_map(list(range(100)), 10)
+        self._run_one(nbytes_and_last, np.ones(1000))
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def _run_noops(self, n: int) -> list:
+        raise NotImplementedError
+
+    def _run_map(self, items: list[int], chunk: int) -> list[int]:
+        raise NotImplementedError
+
+    def _run_one(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        raise NotImplementedError
+
+    # -- workloads ---------------------------------------------------------------------
+
+    def noop_submits(self, n: int = 10_000) -> dict:
+        t0 = time.perf_counter()
+        results = self._run_noops(n)
+        dt = time.perf_counter() - t0
+        if list(results) != list(range(n)):
+            raise WrongResult(f"{self.name}: noop results wrong")
+        return {"n": n, "seconds": dt, "tasks_per_s": n / dt}
+
+    def map_items(self, n: int = 100_000, chunk: int = 1000) -> dict:
+        items = list(range(n))
+        expected = [x + 1 for x in items]
+        t0 = time.perf_counter()
+        results = self._run_map(items, chunk)
+        dt = time.perf_counter() - t0
+        if list(results) != expected:
+            raise WrongResult(f"{self.name}: map results wrong")
+        return {
+            "n": n,
+            "chunk": chunk,
+            "tasks": -(-n // chunk),
+            "seconds": dt,
+            "items_per_s": n / dt,
+        }
+
+    def round_trip(self, n: int = 200) -> dict:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            result = self._run_one(noop, i)
+            times.append(time.perf_counter() - t0)
+            if result != i:
+                raise WrongResult(f"{self.name}: round trip returned {result!r}, not {i}")
+        ms = np.array(times) * 1e3
+        return {
+            "n": n,
+            "median_ms": float(np.median(ms)),
+            "p90_ms": float(np.percentile(ms, 90)),
+            "min_ms": float(ms.min()),
+        }
+
+    def big_arg(self, mb: int = 100, repeats: int = 5) -> dict:
+        arr = np.arange(mb * 1_000_000 // 8, dtype=np.float64)
+        expected = (int(arr.nbytes), float(arr[-1]))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            result = self._run_one(nbytes_and_last, arr)
+            times.append(time.perf_counter() - t0)
+            if not isinstance(result, tuple | list) or tuple(result) != expected:
+                raise WrongResult(f"{self.name}: big arg returned {result!r}, not {expected}")
+        med = statistics.median(times)
+        return {
+            "mb": mb,
+            "repeats": repeats,
+            "bytes": int(arr.nbytes),
+            "median_s": med,
+            "median_gb_s": arr.nbytes / med / 1e9,
+            "best_gb_s": arr.nbytes / min(times) / 1e9,
+        }
+
+    def run_all(self, sizes: dict[str, dict[str, int]] | None = None) -> dict[str, dict]:
+        """Run the four workloads (``sizes`` overrides DEFAULT_SIZES per workload)."""
+        sizes = {k: {**v, **(sizes or {}).get(k, {})} for k, v in DEFAULT_SIZES.items()}
+        return {name: getattr(self, name)(**kw) for name, kw in sizes.items()}
+
+
+def run_backend(
+    cls: type[Backend], sizes: dict[str, dict[str, int]] | None = None, **kwargs: Any
+) -> dict:
+    """Start ``cls``, run all workloads, stop it.
+
+    Returns ``{"backend": name, <workload>: figures, ...}``, or ``{"backend": name,
+    "error": "..."}`` if it could not start or failed; wrong results still raise.
+    """
+    out: dict[str, Any] = {"backend": cls.name}
+    try:
+        with cls(**kwargs) as backend:
+            out.update(backend.run_all(sizes))
+    except WrongResult:
+        raise
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def summary_row(result: dict) -> dict:
+    """Flatten a :func:`run_backend` result into one table row."""
+    get = lambda w, k: result.get(w, {}).get(k)  # noqa: E731
+    return {
+        "backend": result.get("backend"),
+        "noop tasks/s": get("noop_submits", "tasks_per_s"),
+        "map items/s": get("map_items", "items_per_s"),
+        "rt median ms": get("round_trip", "median_ms"),
+        "rt p90 ms": get("round_trip", "p90_ms"),
+        "big arg GB/s": get("big_arg", "median_gb_s"),
+        "error": result.get("error", ""),
+    }
+
+
+SUMMARY_COLUMNS = [
+    "backend",
+    "noop tasks/s",
+    "map items/s",
+    "rt median ms",
+    "rt p90 ms",
+    "big arg GB/s",
+    "error",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Raw pyzmq: the limit
+# --------------------------------------------------------------------------------------
+#
+# client DEALER  -> [task_id, payload, *buffers]
+# broker ROUTER  <- [client_id, task_id, payload, *buffers]     (frontend)
+# broker ROUTER  -> [worker_id, client_id, task_id, payload, *buffers]   (backend)
+# worker DEALER  <- [client_id, task_id, payload, *buffers]
+# worker DEALER  -> [client_id, task_id, result, *buffers]  (or [b"READY"] once)
+# broker         -> client [client_id, task_id, result, *buffers]
+#
+# payload = pickle.dumps((fn, args)), result = pickle.dumps((ok, value)), protocol 5,
+# out-of-band buffers as separate frames, every hop with copy=False.
+
+
+def _dumps(obj: Any) -> list:
+    bufs: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    return [data, *(b.raw() for b in bufs)]
+
+
+def _loads(frames: list[zmq.Frame]) -> Any:
+    return pickle.loads(frames[0].buffer, buffers=[f.buffer for f in frames[1:]])
+
+
+def _unlimited(sock: zmq.Socket) -> zmq.Socket:
+    # No high-water marks: a ROUTER silently drops at HWM, and the no-op workload
+    # deliberately queues everything before reading anything back.
+    sock.sndhwm = 0
+    sock.rcvhwm = 0
+    sock.linger = 0
+    return sock
+
+
+def _parent_gone(ppid: int) -> bool:
+    return ppid > 0 and os.getppid() != ppid
+
+
+def _broker_serve(
+    ctx: zmq.Context,
+    n_workers: int,
+    report: Callable[[str], None],
+    control_addr: str | None = None,
+    ppid: int = 0,
+) -> None:
+    """ROUTER/ROUTER broker: least-outstanding load balancing over registered workers."""
+    frontend = _unlimited(ctx.socket(zmq.ROUTER))
+    backend = _unlimited(ctx.socket(zmq.ROUTER))
+    front_port = frontend.bind_to_random_port("tcp://127.0.0.1")
+    back_port = backend.bind_to_random_port("tcp://127.0.0.1")
+    poller = zmq.Poller()
+    poller.register(frontend, zmq.POLLIN)
+    poller.register(backend, zmq.POLLIN)
+    control = None
+    if control_addr:
+        control = ctx.socket(zmq.PAIR)
+        control.linger = 0
+        control.connect(control_addr)
+        poller.register(control, zmq.POLLIN)
+    report(f"PORTS {front_port} {back_port}")
+
+    outstanding: dict[bytes, int] = {}
+    waiting: deque[list] = deque()  # tasks that arrived before any worker registered
+    announced = False
+
+    def dispatch(msg: list) -> None:
+        wid = min(outstanding, key=outstanding.__getitem__)
+        outstanding[wid] += 1
+        backend.send_multipart([wid, *msg], copy=False)
+
+    try:
+        while True:
+            events = dict(poller.poll(1000))
+            if not events:
+                if _parent_gone(ppid):
+                    return
+                continue
+            if control is not None and control in events:
+                return
+            if backend in events:
+                while True:
+                    try:
+                        msg = backend.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    wid = msg[0].bytes
+                    if len(msg) == 2:  # [worker_id, b"READY"]
+                        outstanding[wid] = 0
+                        while waiting:
+                            dispatch(waiting.popleft())
+                        if not announced and len(outstanding) >= n_workers:
+                            announced = True
+                            report(f"READY {len(outstanding)}")
+                    else:
+                        outstanding[wid] -= 1
+                        frontend.send_multipart(msg[1:], copy=False)
+            if frontend in events:
+                while True:
+                    try:
+                        msg = frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if outstanding:
+                        dispatch(msg)
+                    else:
+                        waiting.append(msg)
+    finally:
+        for s in (frontend, backend, control):
+            if s is not None:
+                s.close(0)
+
+
+def _broker_main(n_workers: str, ppid: str) -> None:
+    """Entry point of the broker subprocess: reports on stdout, stopped by SIGTERM."""
+    ctx = zmq.Context()
+    _broker_serve(ctx, int(n_workers), lambda line: print(line, flush=True), ppid=int(ppid))
+
+
+def _worker_main(addr: str, ppid: str) -> None:
+    """Entry point of a worker process: run ``fn(*args)`` for each task, send the result."""
+    parent = int(ppid)
+    ctx = zmq.Context()
+    sock = _unlimited(ctx.socket(zmq.DEALER))
+    sock.connect(addr)
+    sock.send(b"READY")
+    while True:
+        if not sock.poll(1000):
+            if _parent_gone(parent):
+                return
+            continue
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                fn, args = _loads(frames[2:])
+                reply = _dumps((True, fn(*args)))
+            except Exception:
+                reply = _dumps((False, traceback.format_exc()))
+            sock.send_multipart([frames[0], frames[1], *reply], copy=False)
+
+
+def _spawn(entry: str, *args: str, stdout: int | None = None) -> subprocess.Popen:
+    code = f"from bench._baselines import {entry}; import sys; {entry}(*sys.argv[1:])"
+    with _python_path():
+        return subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            stdout=stdout,
+            stdin=subprocess.DEVNULL,
+            env=os.environ.copy(),
+            text=stdout is not None,
+        )
+
+
+class RawZmq(Backend):
+    """Raw pyzmq: DEALER client -> ROUTER/ROUTER broker -> DEALER worker processes.
+
+    ``broker="process"`` (default) runs the broker as a subprocess, ``"thread"`` in a
+    thread of this process (it then shares the GIL with the client).
+    """
+
+    name = "raw_zmq"
+
+    def __init__(self, n_workers: int = 2, *, broker: str = "process", **kwargs: Any):
+        super().__init__(n_workers, **kwargs)
+        if broker not in ("process", "thread"):
+            raise ValueError(f"broker must be 'process' or 'thread', not {broker!r}")
+        self.broker = broker
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._control: zmq.Socket | None = None
+        self._broker_thread: threading.Thread | None = None
+        self._procs: list[subprocess.Popen] = []
+        self._next_id = 0
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the broker (process mode) and worker processes."""
+        return [p.pid for p in self._procs]
+
+    def start(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        self._ctx = zmq.Context()
+        lines: queue.Queue[str] = queue.Queue()
+        ppid = str(os.getpid())
+        if self.broker == "process":
+            proc = _spawn("_broker_main", str(self.n_workers), ppid, stdout=subprocess.PIPE)
+            self._procs.append(proc)
+
+            def pump(stream: Any = proc.stdout) -> None:
+                for line in stream:
+                    lines.put(line.strip())
+
+            threading.Thread(target=pump, name="raw-zmq-broker-out", daemon=True).start()
+        else:
+            control_addr = f"inproc://raw-zmq-control-{id(self)}"
+            self._control = self._ctx.socket(zmq.PAIR)
+            self._control.linger = 0
+            self._control.bind(control_addr)
+            self._broker_thread = threading.Thread(
+                target=_broker_serve,
+                args=(self._ctx, self.n_workers, lines.put, control_addr),
+                name="raw-zmq-broker",
+                daemon=True,
+            )
+            self._broker_thread.start()
+
+        def expect(prefix: str) -> list[str]:
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    line = lines.get(timeout=max(left, 0.001))
+                except queue.Empty:
+                    raise BackendStartError(
+                        f"raw_zmq broker: no {prefix!r} within {self.start_timeout:g}s"
+                    ) from None
+                if line.startswith(prefix):
+                    return line.split()[1:]
+
+        front_port, back_port = expect("PORTS")
+        for _ in range(self.n_workers):
+            self._procs.append(_spawn("_worker_main", f"tcp://127.0.0.1:{back_port}", ppid))
+        self._sock = _unlimited(self._ctx.socket(zmq.DEALER))
+        self._sock.connect(f"tcp://127.0.0.1:{front_port}")
+        expect("READY")
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        if self._control is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._control.send(b"stop")
+        if self._broker_thread is not None:
+            self._broker_thread.join(10)
+            self._broker_thread = None
+        if self._control is not None:
+            self._control.close(0)
+            self._control = None
+        for p in self._procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self._procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            if p.stdout is not None:
+                p.stdout.close()
+        self._procs = []
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    # -- client side ---------------------------------------------------------------------
+
+    def _send(self, fn: Callable, *args: Any) -> bytes:
+        tid = self._next_id.to_bytes(8, "little")
+        self._next_id += 1
+        self._sock.send_multipart([tid, *_dumps((fn, args))], copy=False)
+        return tid
+
+    def _recv(self) -> tuple[bytes, Any]:
+        if not self._sock.poll(self.task_timeout * 1000):
+            raise BackendError(f"raw_zmq: no result within {self.task_timeout:g}s")
+        frames = self._sock.recv_multipart(copy=False)
+        ok, value = _loads(frames[1:])
+        if not ok:
+            raise BackendError(f"raw_zmq task failed:\n{value}")
+        return frames[0].bytes, value
+
+    def _gather(self, tids: list[bytes]) -> list:
+        results = dict(self._recv() for _ in tids)
+        return [results[t] for t in tids]
+
+    def _run_noops(self, n: int) -> list:
+        return self._gather([self._send(noop, i) for i in range(n)])
+
+    def _run_map(self, items: list[int], chunk: int) -> list[int]:
+        tids = [self._send(inc_chunk, c) for c in _chunks(items, chunk)]
+        return [x for part in self._gather(tids) for x in part]
+
+    def _run_one(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        tid = self._send(fn, arg)
+        got, value = self._recv()
+        if got != tid:
+            raise WrongResult(f"raw_zmq: expected result for task {tid!r}, got {got!r}")
+        return value
+
+
+# --------------------------------------------------------------------------------------
+# ipyparallel
+# --------------------------------------------------------------------------------------
+
+
+class IpyParallel(Backend):
+    """ipyparallel: a local Cluster (controller + engines on loopback), load-balanced view."""
+
+    name = "ipyparallel"
+
+    def __init__(self, n_workers: int = 2, **kwargs: Any):
+        super().__init__(n_workers, **kwargs)
+        self._cluster: Any = None
+        self._rc: Any = None
+        self._view: Any = None
+        self._profile_dir: str | None = None
+
+    def start(self) -> None:
+        import ipyparallel as ipp
+
+        self._profile_dir = tempfile.mkdtemp(prefix="pilot-bench-ipp-")
+        with _python_path():
+            self._cluster = ipp.Cluster(
+                n=self.n_workers,
+                profile_dir=self._profile_dir,
+                log_level=logging.WARNING,
+                engine_timeout=int(self.start_timeout),
+            )
+
+            async def start() -> Any:
+                return await asyncio.wait_for(
+                    self._cluster.start_and_connect(n=self.n_workers), self.start_timeout
+                )
+
+            try:
+                self._rc = _call_with_deadline(
+                    lambda: asyncio.run(start()), self.start_timeout + 10, "ipyparallel cluster"
+                )
+            except BackendStartError as exc:
+                if isinstance(exc.__cause__, TimeoutError):
+                    raise BackendStartError(
+                        f"ipyparallel cluster did not start within {self.start_timeout:g}s"
+                    ) from None
+                raise
+        # Engines got PYTHONPATH from the environment; make sure anyway.
+        self._rc[:].execute(f"import sys; sys.path[:0] = {_search_path()!r}", block=True)
+        self._view = self._rc.load_balanced_view()
+
+    def stop(self) -> None:
+        if self._rc is not None:
+            with contextlib.suppress(Exception):
+                self._rc.close()
+            self._rc = None
+        self._view = None
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                _call_with_deadline(
+                    lambda: asyncio.run(self._cluster.stop_cluster()), 60, "ipyparallel stop"
+                )
+            self._cluster = None
+        if self._profile_dir is not None:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
+            self._profile_dir = None
+
+    def _run_noops(self, n: int) -> list:
+        ars = [self._view.apply_async(noop, i) for i in range(n)]
+        return [ar.get(timeout=self.task_timeout) for ar in ars]
+
+    def _run_map(self, items: list[int], chunk: int) -> list[int]:
+        ar = self._view.map_async(inc, items, chunksize=chunk)
+        return list(ar.get(timeout=self.task_timeout))
+
+    def _run_one(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        return self._view.apply_async(fn, arg).get(timeout=self.task_timeout)
+
+
+# --------------------------------------------------------------------------------------
+# Dask
+# --------------------------------------------------------------------------------------
+
+
+class Dask(Backend):
+    """dask.distributed: LocalCluster of single-threaded worker processes + Client."""
+
+    name = "dask"
+
+    def __init__(self, n_workers: int = 2, **kwargs: Any):
+        super().__init__(n_workers, **kwargs)
+        self._cluster: Any = None
+        self._client: Any = None
+
+    def start(self) -> None:
+        from distributed import Client, LocalCluster
+
+        def start() -> tuple[Any, Any]:
+            cluster = LocalCluster(
+                n_workers=self.n_workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            try:
+                client = Client(cluster, timeout=self.start_timeout)
+                client.wait_for_workers(self.n_workers, timeout=self.start_timeout)
+            except BaseException:
+                cluster.close()
+                raise
+            return cluster, client
+
+        with _python_path():
+            self._cluster, self._client = _call_with_deadline(
+                start, self.start_timeout, "dask LocalCluster"
+            )
+
+    def stop(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._cluster.close()
+            self._cluster = None
+
+    def _run_noops(self, n: int) -> list:
+        futures = [self._client.submit(noop, i, pure=False) for i in range(n)]
+        return self._client.gather(futures)
+
+    def _run_map(self, items: list[int], chunk: int) -> list[int]:
+        futures = self._client.map(inc_chunk, _chunks(items, chunk), pure=False)
+        return [x for part in self._client.gather(futures) for x in part]
+
+    def _run_one(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        with warnings.catch_warnings():
+            # "Large object of size 100 MB detected in task graph": expected here, we
+            # deliberately pass the array the way a user would.
+            warnings.filterwarnings("ignore", message=".*Large object.*")
+            future = self._client.submit(fn, arg, pure=False)
+        return future.result(timeout=self.task_timeout)
+
+
+# --------------------------------------------------------------------------------------
+
+BACKENDS: dict[str, type[Backend]] = {
+    RawZmq.name: RawZmq,
+    IpyParallel.name: IpyParallel,
+    Dask.name: Dask,
+}
+
+_REQUIRES = {"raw_zmq": "zmq", "ipyparallel": "ipyparallel", "dask": "distributed"}
+
+
+def available_backends() -> dict[str, type[Backend]]:
+    """The baseline backends whose packages are importable, by name (raw_zmq always)."""
+    return {
+        name: cls
+        for name, cls in BACKENDS.items()
+        if importlib.util.find_spec(_REQUIRES[name]) is not None
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Throwaway runner: ``python bench/_baselines.py [--tiny] [--json PATH] [names...]``."""
+    import argparse
+
+    from bench._table import print_table, write_json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("backends", nargs="*", help="default: all available")
+    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
+    parser.add_argument("--broker", choices=["process", "thread"], default="process")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    available = available_backends()
+    names = args.backends or list(available)
+    sizes = TINY_SIZES if args.tiny else DEFAULT_SIZES
+    results = []
+    for name in names:
+        if name not in available:
+            results.append({"backend": name, "error": "not installed"})
+            continue
+        kwargs = {"broker": args.broker} if name == "raw_zmq" else {}
+        t0 = time.perf_counter()
+        result = run_backend(available[name], sizes, **kwargs)
+        result["wall_s"] = time.perf_counter() - t0
+        print(f"{name}: {result}", flush=True)
+        results.append(result)
+    print()
+    print_table([summary_row(r) for r in results], SUMMARY_COLUMNS)
+    if args.json:
+        write_json(args.json, {"sizes": sizes, "results": results})
+
+
+if __name__ == "__main__":
+    # Re-import under the package name so task functions pickle as bench._baselines.*
+    sys.path[:0] = [str(ROOT)]
+    from bench._baselines import main as _main
+
+    _main()
