@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
+from gateway._drain import Drain
 from gateway._errors import JobNotFound, NoGateway, PilotError, PilotTimeout, VersionMismatch
 from gateway._messages import (
     AttachJob,
@@ -85,8 +85,9 @@ class AsyncClient:
         self.name = name
         self.timeouts = timeouts or Timeouts()
         self._codec = Codec(connection.key, max_message_bytes=max_message_bytes)
-        self._ctx = zmq.asyncio.Context()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket[Any] | None = None
+        self._drain: Drain | None = None
         self.jobs: dict[str, JobState] = {}
         self._unacked: dict[str, tuple[JobSpec, tuple[Payload, ...]]] = {}
         self._fn_sent: dict[str, Payload] = {}
@@ -111,9 +112,8 @@ class AsyncClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.connect(self.connection.client_url)
-        for coro in (self._receive(), self._heartbeat()):
-            task = asyncio.get_running_loop().create_task(coro)
-            self._tasks.add(task)
+        self._drain = Drain(sock, self._receive, self._end_turn)
+        self._tasks.add(asyncio.get_running_loop().create_task(self._heartbeat()))
         self._send(ClientHello(self.name, os.getpid()))
         try:
             await asyncio.wait_for(self._welcome.wait(), self.timeouts.request_s)
@@ -140,6 +140,8 @@ class AsyncClient:
             self._send(Goodbye())
         for task in self._tasks:
             task.cancel()
+        if self._drain is not None:
+            self._drain.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sock is not None:
             self._sock.close(linger=100)
@@ -152,8 +154,9 @@ class AsyncClient:
 
     def _send(self, msg: Any) -> str:
         assert self._sock is not None
-        frames = self._codec.encode(msg)
-        zmq.Socket.shadow(self._sock.underlying).send_multipart(frames, copy=False)
+        self._sock.send_multipart(self._codec.encode(msg), copy=False)
+        if self._drain is not None:
+            self._drain.kick()
         return self._codec.last_msg_id
 
     def submit_nowait(self, spec: JobSpec, args: tuple[Payload, ...]) -> JobState:
@@ -240,27 +243,20 @@ class AsyncClient:
 
     # -- receiving --------------------------------------------------------------------------
 
-    async def _receive(self) -> None:
-        assert self._sock is not None
-        shadow = zmq.Socket.shadow(self._sock.underlying)
-        while True:
-            await self._sock.poll(timeout=None, flags=zmq.POLLIN)
-            while True:
-                try:
-                    frames = shadow.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    msg = self._codec.decode(frames).msg
-                except PilotError as exc:
-                    log.warning("rejected a message from the gateway: %s", exc)
-                    continue
-                self._last_heard = time.monotonic()
-                try:
-                    self._on_message(msg)
-                except Exception:
-                    log.exception("error handling %s", type(msg).__name__)
-            self._flush()
+    def _receive(self, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = self._codec.decode(frames).msg
+        except PilotError as exc:
+            log.warning("rejected a message from the gateway: %s", exc)
+            return
+        self._last_heard = time.monotonic()
+        try:
+            self._on_message(msg)
+        except Exception:
+            log.exception("error handling %s", type(msg).__name__)
+
+    def _end_turn(self) -> None:
+        self._flush()
 
     def _on_message(self, msg: Any) -> None:
         match msg:

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from gateway import _scheduler as sch
 from gateway._blobs import BlobStore
+from gateway._drain import Drain
 from gateway._errors import MessageTooLarge, ProtocolError, VersionMismatch
 from gateway._messages import (
     FROM_CLIENT,
@@ -132,6 +132,7 @@ class Gateway:
         self._workers: dict[str, _Worker] = {}
         self._fns: dict[str, Payload] = {}
         self._unschedulable: dict[str, str] = {}
+        self._started_at: dict[tuple[str, int, int], float] = {}  # until the attempt ends
         self._status_waiters: list[tuple[bytes, str, StatusQuery, float]] = []
         # what this turn will send, batched per peer
         self._to_clients: dict[bytes, list[Any]] = defaultdict(list)
@@ -141,7 +142,8 @@ class Gateway:
         self._assign: dict[str, list[Assignment]] = defaultdict(list)
         self._cancel: dict[str, list[TaskAttempt]] = defaultdict(list)
         self.counters: dict[str, int] = defaultdict(int)
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
+        self._drains: list[Drain] = []
         self._group: asyncio.TaskGroup | None = None
         self._http: Any = None
 
@@ -173,8 +175,10 @@ class Gateway:
             self.connection.save(s.connection_file)
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
-        self._group.create_task(self._serve(self._clients_sock, self._on_client))
-        self._group.create_task(self._serve(self._workers_sock, self._on_worker))
+        self._drains = [
+            Drain(self._clients_sock, self._from_client, self._end_turn),
+            Drain(self._workers_sock, self._from_worker, self._end_turn),
+        ]
         self._group.create_task(self._ticker())
         self.state = GatewayState.RUNNING
         self.ready.set()
@@ -186,6 +190,8 @@ class Gateway:
     async def __aexit__(self, *exc: object) -> None:
         self.state = GatewayState.STOPPED
         self._stopping.set()
+        for drain in self._drains:
+            drain.close()
         if self._group is not None:
             await self._group.__aexit__(None, None, None)
         if self._http is not None:
@@ -209,7 +215,7 @@ class Gateway:
             ev = self._stop_event = asyncio.Event()
         return ev
 
-    def _bind(self, port: int, handover: bool = False) -> zmq.asyncio.Socket:
+    def _bind(self, port: int, handover: bool = False) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop: a ROUTER drops silently at the HWM
@@ -260,25 +266,11 @@ class Gateway:
 
     # -- the loops --------------------------------------------------------------------------
 
-    async def _serve(self, sock: zmq.asyncio.Socket, handle: Any) -> None:
-        shadow = zmq.Socket.shadow(sock.underlying)
-        stopping = asyncio.ensure_future(self._stopping.wait())
-        try:
-            while not self._stopping.is_set():
-                poll = asyncio.ensure_future(sock.poll(timeout=None, flags=zmq.POLLIN))
-                await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not poll.done():
-                    poll.cancel()
-                    break
-                for _ in range(MAX_BATCH):
-                    try:
-                        frames = shadow.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._receive(frames, handle)
-                self._end_turn()
-        finally:
-            stopping.cancel()
+    def _from_client(self, frames: list[zmq.Frame]) -> None:
+        self._receive(frames, self._on_client)
+
+    def _from_worker(self, frames: list[zmq.Frame]) -> None:
+        self._receive(frames, self._on_worker)
 
     def _receive(self, frames: list[zmq.Frame], handle: Any) -> None:
         ident = frames[0].bytes
@@ -343,15 +335,17 @@ class Gateway:
             for msg in msgs:
                 self._send_raw(self._workers_sock, self._worker_codec, w.ident, msg)
         self._to_workers.clear()
+        for drain in self._drains:  # sending may have swallowed a read edge
+            drain.kick()
 
-    def _send_raw(self, sock: zmq.asyncio.Socket, codec: Codec, ident: bytes, msg: Any) -> None:
+    def _send_raw(self, sock: zmq.Socket[Any], codec: Codec, ident: bytes, msg: Any) -> None:
         try:
             frames = codec.encode(msg)
         except MessageTooLarge as exc:
             log.error("could not send %s: %s", type(msg).__name__, exc)
             return
         try:
-            zmq.Socket.shadow(sock.underlying).send_multipart([ident, *frames], copy=False)
+            sock.send_multipart([ident, *frames], copy=False)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone (ROUTER_MANDATORY)
             self.counters["unroutable"] += 1
             log.debug("peer %r unreachable for %s: %s", ident, type(msg).__name__, exc)
@@ -609,8 +603,9 @@ class Gateway:
             case Heartbeat():
                 self._to_workers[name].append(Heartbeat())
             case TasksStarted(attempts=attempts):
+                wall = time.time()
                 for a in attempts:
-                    self.store.attempt_started(a.job_id, a.index, a.attempt)
+                    self._started_at[(a.job_id, a.index, a.attempt)] = wall
                     self.scheduler.handle(sch.TaskStarted(name, a.job_id, a.index, a.attempt, now))
                     job = self._jobs.get(a.job_id)
                     if job is not None and job.state is Status.QUEUED:
@@ -618,7 +613,10 @@ class Gateway:
                         self.store.job_running(a.job_id)
             case TaskResults(results=results):
                 for r in results:
-                    self.store.attempt_ended(r.job_id, r.index, r.attempt, r.status, r.error)
+                    started = self._started_at.pop((r.job_id, r.index, r.attempt), 0.0)
+                    self.store.attempt_ended(
+                        r.job_id, r.index, r.attempt, r.status, r.error, started
+                    )
                     ins = self.scheduler.handle(
                         sch.TaskFinished(
                             name,

@@ -133,17 +133,14 @@ class StateStore:
             (job_id, index, attempt, worker, time.time()),
         )
 
-    def attempt_started(self, job_id: str, index: int, attempt: int) -> None:
+    def attempt_ended(
+        self, job_id: str, index: int, attempt: int, status: int, error: str, started: float
+    ) -> None:
+        """One write per attempt end (its start time was kept in memory until now)."""
         self._later(
-            "UPDATE attempts SET started=? WHERE job_id=? AND idx=? AND attempt=?",
-            (time.time(), job_id, index, attempt),
-        )
-
-    def attempt_ended(self, job_id: str, index: int, attempt: int, status: int, error: str) -> None:
-        self._later(
-            "UPDATE attempts SET status=?, error=?, finished=? "
+            "UPDATE attempts SET status=?, error=?, started=?, finished=? "
             "WHERE job_id=? AND idx=? AND attempt=?",
-            (status, error, time.time(), job_id, index, attempt),
+            (status, error, started, time.time(), job_id, index, attempt),
         )
 
     def task_settled(self, done: TaskDone) -> None:

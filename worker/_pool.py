@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from gateway._messages import Assignment, Goodbye
 
@@ -46,7 +45,7 @@ class TaskPool:
 
     def __init__(
         self,
-        ctx: zmq.asyncio.Context,
+        ctx: zmq.Context[Any],
         size: int,
         *,
         on_exit: Callable[[Child, int], None],

@@ -26,9 +26,9 @@ from collections import deque
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from gateway import Codec, Payload, WorkerSettings
+from gateway._drain import Drain
 from gateway._messages import (
     Assign,
     Assignment,
@@ -72,12 +72,15 @@ class Worker:
     def __init__(self, settings: WorkerSettings, *, env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.state = WorkerState.NEW
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._codec = Codec(settings.connection.key, max_message_bytes=settings.max_message_bytes)
         self._local = Codec(None, max_message_bytes=settings.max_message_bytes)
         self.pool = TaskPool(self._ctx, settings.slots, on_exit=self._child_exited, env=env)
         self.gpus = detect_gpus()
-        self._gw: zmq.asyncio.Socket | None = None
+        self._gw: zmq.Socket[Any] | None = None
+        self._gw_drain: Drain | None = None
+        self._children_drain: Drain | None = None
+        self._idle = asyncio.Event()
         self._queue: deque[Assignment] = deque()
         self._holding: dict[tuple[str, int], Assignment] = {}
         self._fns: dict[str, Payload] = {}
@@ -100,10 +103,9 @@ class Worker:
         await asyncio.gather(*spawned)
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
-        self._group.create_task(self._serve_children())
+        self._children_drain = Drain(self.pool.sock, self._from_child, self._end_turn)
         await asyncio.wait_for(self._children_ready.wait(), READY_TIMEOUT_S)
         self._connect()
-        self._group.create_task(self._serve_gateway())
         self._group.create_task(self._heartbeat())
         return self
 
@@ -111,6 +113,9 @@ class Worker:
         self._stop.set()
         if self._group is not None:
             await self._group.__aexit__(None, None, None)
+        for drain in (self._gw_drain, self._children_drain):
+            if drain is not None:
+                drain.close()
         await self.pool.close(self._send_child)
         if self._gw is not None:
             self._gw.close(linger=1000)
@@ -143,9 +148,12 @@ class Worker:
             self._holding.pop((a.job_id, a.index), None)
         self._queue.clear()
         self._send_gateway(Goodbye(handed, final=False))
-        deadline = time.monotonic() + self.settings.timeouts.stop_grace_s
-        while self._used_slots and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # results arrive through the serving loops
+        if self._used_slots:
+            self._idle.clear()
+            try:  # results keep arriving through the drains meanwhile
+                await asyncio.wait_for(self._idle.wait(), self.settings.timeouts.stop_grace_s)
+            except TimeoutError:
+                log.warning("tasks still running after the stop grace period: handing back")
         left = tuple(TaskAttempt(a.job_id, a.index, a.attempt) for a in self._holding.values())
         self._flush()
         self._send_gateway(Goodbye(left, final=True))
@@ -153,6 +161,8 @@ class Worker:
     # -- gateway side -----------------------------------------------------------------------
 
     def _connect(self) -> None:
+        if self._gw_drain is not None:
+            self._gw_drain.close()
         if self._gw is not None:
             self._gw.close(linger=0)
         self.state = WorkerState.CONNECTING
@@ -166,6 +176,7 @@ class Worker:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(RECONNECT_MAX_S * 1000))
         sock.connect(self.settings.connection.worker_url)
         self._gw = sock
+        self._gw_drain = Drain(sock, self._from_gateway, self._end_turn)
         self._last_heard = time.monotonic()
         self._hello()
 
@@ -185,29 +196,23 @@ class Worker:
 
     def _send_gateway(self, msg: Any) -> None:
         assert self._gw is not None
-        zmq.Socket.shadow(self._gw.underlying).send_multipart(self._codec.encode(msg), copy=False)
+        self._gw.send_multipart(self._codec.encode(msg), copy=False)
 
-    async def _serve_gateway(self) -> None:
-        while not self._stop.is_set():
-            sock = self._gw
-            assert sock is not None
-            if not await sock.poll(timeout=100):
-                continue
-            shadow = zmq.Socket.shadow(sock.underlying)
-            while True:
-                try:
-                    frames = shadow.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    msg = self._codec.decode(frames).msg
-                except Exception as exc:
-                    log.warning("rejected a message from the gateway: %s", exc)
-                    continue
-                self._last_heard = time.monotonic()
-                self._on_gateway(msg)
-            self._dispatch()
-            self._flush()
+    def _from_gateway(self, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = self._codec.decode(frames).msg
+        except Exception as exc:
+            log.warning("rejected a message from the gateway: %s", exc)
+            return
+        self._last_heard = time.monotonic()
+        self._on_gateway(msg)
+
+    def _end_turn(self) -> None:
+        self._dispatch()
+        self._flush()
+        for drain in (self._gw_drain, self._children_drain):
+            if drain is not None:  # sending may have swallowed a read edge
+                drain.kick()
 
     def _on_gateway(self, msg: Any) -> None:
         match msg:
@@ -290,23 +295,11 @@ class Worker:
 
     # -- task processes ---------------------------------------------------------------------
 
-    async def _serve_children(self) -> None:
-        sock = self.pool.sock
-        shadow = zmq.Socket.shadow(sock.underlying)
-        while not self._stop.is_set() or self._used_slots:
-            if not await sock.poll(timeout=100):
-                continue
-            while True:
-                try:
-                    ident, *frames = shadow.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                child = self.pool.children.get(ident.bytes)
-                if child is None:
-                    continue
-                self._on_child(child, self._local.decode(frames).msg)
-            self._dispatch()
-            self._flush()
+    def _from_child(self, frames: list[zmq.Frame]) -> None:
+        ident, *rest = frames
+        child = self.pool.children.get(ident.bytes)
+        if child is not None:
+            self._on_child(child, self._local.decode(rest).msg)
 
     def _on_child(self, child: Child, msg: Any) -> None:
         match msg:
@@ -327,6 +320,8 @@ class Worker:
         if task is None:
             return
         self._used_slots -= task.cpus
+        if not self._used_slots:
+            self._idle.set()
         self._holding.pop((task.job_id, task.index), None)
         self._results.append(result)
 
@@ -351,7 +346,7 @@ class Worker:
 
     async def _respawn(self) -> None:
         await self.pool.spawn()
-        self._flush()
+        self._end_turn()
 
     def _dispatch(self) -> None:
         if self.state is WorkerState.DRAINING:
@@ -387,5 +382,4 @@ class Worker:
             self._started.append(TaskAttempt(a.job_id, a.index, a.attempt))
 
     def _send_child(self, ident: bytes, msg: Any) -> None:
-        shadow = zmq.Socket.shadow(self.pool.sock.underlying)
-        shadow.send_multipart([ident, *self._local.encode(msg)], copy=False)
+        self.pool.sock.send_multipart([ident, *self._local.encode(msg)], copy=False)

@@ -1,0 +1,68 @@
+"""Reading a ZeroMQ socket from an asyncio loop, cheaply: ``Drain``.
+
+``zmq.asyncio`` costs a future per receive; at tens of thousands of messages a second that is
+most of the time spent. ``Drain`` instead watches the socket's file descriptor with
+``loop.add_reader`` and, when it fires, receives every waiting message (up to ``max_batch``),
+hands each to ``handle(frames)``, then calls ``end_turn()`` once, where the owner commits and
+sends what the turn produced.
+
+The descriptor is edge-triggered (a ZeroMQ rule): after any send or receive it may not fire
+again although messages wait. So after each turn, and whenever the owner sends (``kick()``),
+``ZMQ_EVENTS`` is checked and another turn scheduled if needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+__all__ = ["Drain"]
+
+MAX_BATCH = 2000
+
+
+class Drain:
+    """See the module docstring. Owned by whoever owns ``sock``; ``close()`` stops watching
+    (the socket itself stays open: its owner closes it)."""
+
+    def __init__(
+        self,
+        sock: zmq.Socket[Any],
+        handle: Callable[[list[zmq.Frame]], None],
+        end_turn: Callable[[], None],
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self.sock = sock
+        self._handle = handle
+        self._end_turn = end_turn
+        self._max_batch = max_batch
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+        self._fd = sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._turn)
+        self.kick()
+
+    def kick(self) -> None:
+        """Schedule a turn if messages wait (call after sending on the socket)."""
+        if not self._scheduled and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._scheduled = True
+            self._loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self._scheduled = False
+        recv = self.sock.recv_multipart
+        for _ in range(self._max_batch):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._handle(frames)
+        self._end_turn()
+        self.kick()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._fd)

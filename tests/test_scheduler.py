@@ -1,0 +1,256 @@
+"""The scheduler as a pure state machine: events in, instructions out, time by hand."""
+
+from __future__ import annotations
+
+from gateway._messages import Resources, Status, TaskAttempt, TaskStatus
+from gateway._scheduler import (
+    AssignTask,
+    CancelAttempt,
+    JobAdded,
+    JobCancel,
+    JobSettled,
+    Scheduler,
+    TaskFinished,
+    TaskSettled,
+    TaskStarted,
+    Tick,
+    Unschedulable,
+    WorkerDraining,
+    WorkerHeard,
+    WorkerJoined,
+    WorkerLeft,
+)
+
+CPU = Resources()
+
+
+def sched(**kw) -> Scheduler:
+    return Scheduler(heartbeat_timeout_s=5, orphan_grace_s=5, prefetch=kw.pop("prefetch", 0), **kw)
+
+
+def join(s: Scheduler, name: str, slots: int = 1, gpus: int = 0, tags=(), now=0.0, holding=()):
+    return s.handle(WorkerJoined(name, slots, gpus, frozenset(tags), now, tuple(holding)))
+
+
+def assigns(out) -> list[tuple[str, str, int, int]]:
+    return [(i.worker, i.job_id, i.index, i.attempt) for i in out if isinstance(i, AssignTask)]
+
+
+def finish(s, worker, job, index, attempt=1, status=TaskStatus.OK, now=1.0, duration=0.01):
+    return s.handle(TaskFinished(worker, job, index, attempt, status, now, duration))
+
+
+def test_assigns_to_free_slots_only_without_prefetch() -> None:
+    s = sched()
+    join(s, "w1", slots=2)
+    out = s.handle(JobAdded("j", 5, CPU, 0.0))
+    assert assigns(out) == [("w1", "j", 0, 1), ("w1", "j", 1, 1)]
+    out = finish(s, "w1", "j", 0)
+    assert [type(i) for i in out] == [TaskSettled, AssignTask]
+    assert assigns(out) == [("w1", "j", 2, 1)]
+
+
+def test_prefetch_is_used_for_short_tasks_and_not_for_long_ones() -> None:
+    s = sched(prefetch=2, prefetch_max_task_s=0.5)
+    join(s, "w1", slots=1)
+    assert len(assigns(s.handle(JobAdded("short", 10, CPU, 0.0)))) == 3
+    s2 = sched(prefetch=2, prefetch_max_task_s=0.5)
+    join(s2, "w1", slots=1)
+    s2.handle(JobAdded("long", 10, CPU, 0.0))  # 3 out: unknown duration gets prefetch
+    out = finish(s2, "w1", "long", 0, duration=10.0)
+    assert assigns(out) == [], "a slow job does not refill the prefetch"
+    out = finish(s2, "w1", "long", 1, duration=10.0)
+    out += finish(s2, "w1", "long", 2, duration=10.0)
+    assert len(assigns(out)) == 1, "only the free slot is filled"
+
+
+def test_spreads_over_workers_before_prefetching() -> None:
+    s = sched(prefetch=4)
+    join(s, "w1")
+    join(s, "w2")
+    out = s.handle(JobAdded("j", 4, CPU, 0.0))
+    first_two = {a[0] for a in assigns(out)[:2]}
+    assert first_two == {"w1", "w2"}
+
+
+def test_fair_round_robin_across_jobs() -> None:
+    s = sched()
+    join(s, "w1", slots=4)
+    s.handle(JobAdded("a", 100, CPU, 0.0))  # takes all 4 slots at once
+    s.handle(JobAdded("b", 100, CPU, 0.0))
+    jobs = []
+    for k in range(4):
+        out = finish(s, "w1", "a", k)
+        jobs += [a[1] for a in assigns(out)]
+    assert jobs.count("b") == 2 and jobs.count("a") == 2
+
+
+def test_resources_and_tags_decide_placement() -> None:
+    s = sched()
+    join(s, "cpu", slots=4)
+    join(s, "gpu", slots=4, gpus=1, tags=("cuda",))
+    out = s.handle(JobAdded("g", 2, Resources(gpus=1, tags=("cuda",)), 0.0))
+    assert assigns(out) == [("gpu", "g", 0, 1)], "one GPU: one task at a time, on the GPU box"
+    out = s.handle(JobAdded("big", 1, Resources(cpus=3), 0.0))
+    assert assigns(out)[0][0] == "cpu"
+
+
+def test_unmeetable_request_is_unschedulable_at_once() -> None:
+    s = sched()
+    join(s, "w1", slots=2)
+    out = s.handle(JobAdded("j", 1, Resources(gpus=1), 0.0))
+    assert [type(i) for i in out] == [Unschedulable]
+
+
+def test_no_workers_yet_is_not_unschedulable() -> None:
+    s = sched()
+    assert s.handle(JobAdded("j", 1, Resources(gpus=1), 0.0)) == []
+
+
+def test_lost_worker_tasks_go_back_at_once() -> None:
+    s = sched()
+    join(s, "w1", now=0.0)
+    join(s, "w2", now=0.0)
+    s.handle(JobAdded("j", 2, CPU, 0.0))
+    s.handle(WorkerHeard("w2", 4.0))
+    out = s.handle(Tick(6.0))  # w1 silent for 6 s > 5 s
+    assert "w1" not in s.workers
+    assert assigns(out) == [], "w2 is busy; the task waits in the queue"
+    out = finish(s, "w2", "j", 1, now=6.1)
+    assert assigns(out) == [("w2", "j", 0, 2)]
+
+
+def test_timeout_cancels_and_retries_then_fails() -> None:
+    s = sched()
+    join(s, "w1")
+    s.handle(JobAdded("j", 1, CPU, 0.0, timeout_s=1.0, retries=1))
+    s.handle(TaskStarted("w1", "j", 0, 1, 0.0))
+    s.handle(WorkerHeard("w1", 1.5))
+    out = s.handle(Tick(1.5))
+    assert CancelAttempt("w1", "j", 0, 1) in out
+    assert assigns(out) == [("w1", "j", 0, 2)]
+    s.handle(TaskStarted("w1", "j", 0, 2, 1.6))
+    s.handle(WorkerHeard("w1", 3.0))
+    out = s.handle(Tick(3.0))
+    settled = [i for i in out if isinstance(i, TaskSettled)]
+    assert settled and settled[0].status == TaskStatus.TIMEOUT
+    assert JobSettled("j", Status.FAILED) in out
+
+
+def test_retry_goes_to_another_worker_when_one_exists() -> None:
+    s = sched()
+    join(s, "w1")
+    join(s, "w2")
+    s.handle(JobAdded("j", 2, CPU, 0.0))
+    out = finish(s, "w1", "j", 0, status=TaskStatus.ERROR)
+    assert assigns(out) == [], "w1 is free but the retry should wait for w2"
+    out = finish(s, "w2", "j", 1)
+    assert assigns(out) == [("w2", "j", 0, 2)]
+
+
+def test_retries_exhausted_fail_the_task_and_the_job() -> None:
+    s = sched()
+    join(s, "w1")
+    s.handle(JobAdded("j", 1, CPU, 0.0, retries=2))
+    for attempt in (1, 2):
+        out = finish(s, "w1", "j", 0, attempt, TaskStatus.ERROR)
+        assert assigns(out) == [("w1", "j", 0, attempt + 1)]
+    out = finish(s, "w1", "j", 0, 3, TaskStatus.ERROR)
+    assert TaskSettled("j", 0, TaskStatus.ERROR, 3, "w1", 3) in out
+    assert JobSettled("j", Status.FAILED) in out
+
+
+def test_unpicklable_is_not_retried() -> None:
+    s = sched()
+    join(s, "w1")
+    s.handle(JobAdded("j", 1, CPU, 0.0, retries=5))
+    out = finish(s, "w1", "j", 0, status=TaskStatus.UNPICKLABLE)
+    assert JobSettled("j", Status.FAILED) in out
+
+
+def test_a_failing_worker_is_kept_off_the_job() -> None:
+    s = sched()
+    join(s, "bad", slots=2)
+    join(s, "good", slots=1)
+    s.handle(JobAdded("j", 20, CPU, 0.0, retries=10))
+    while s.jobs["j"].bad_workers.get("bad", 0) < 3:
+        t = next(iter(s.workers["bad"].out.values()))
+        finish(s, "bad", "j", t.index, t.attempt, TaskStatus.CRASHED)
+    for t in list(s.workers["bad"].out.values()):  # what it still ran when it was judged
+        finish(s, "bad", "j", t.index, t.attempt)
+    placed = []
+    for _ in range(5):
+        t = next(iter(s.workers["good"].out.values()))
+        placed += assigns(finish(s, "good", "j", t.index, t.attempt))
+    assert placed and all(w == "good" for w, *_ in placed)
+    assert not s.workers["bad"].out
+
+
+def test_cancel_drops_queued_and_interrupts_running() -> None:
+    s = sched()
+    join(s, "w1")
+    s.handle(JobAdded("j", 3, CPU, 0.0))
+    out = s.handle(JobCancel("j", 1.0))
+    assert CancelAttempt("w1", "j", 0, 1) in out
+    assert sum(isinstance(i, TaskSettled) for i in out) == 3
+    assert out[-1] == JobSettled("j", Status.CANCELLED)
+    assert s.workers["w1"].used_slots == 0
+
+
+def test_result_is_recorded_once() -> None:
+    s = sched()
+    join(s, "w1")
+    join(s, "w2")
+    s.handle(JobAdded("j", 1, CPU, 0.0))
+    s.handle(WorkerHeard("w2", 6.0))
+    s.handle(Tick(6.0))  # w1 lost: the task moves to w2 as attempt 2
+    join(s, "w1", now=6.1)  # w1 comes back...
+    out = finish(s, "w1", "j", 0, attempt=1)  # ...and its old attempt finishes first
+    assert [i for i in out if isinstance(i, TaskSettled)][0].attempt == 1
+    assert CancelAttempt("w2", "j", 0, 2) in out
+    assert finish(s, "w2", "j", 0, attempt=2) == [], "the second result is ignored"
+
+
+def test_orphans_are_adopted_or_requeued_after_grace() -> None:
+    s = sched()
+    s.handle(
+        JobAdded(
+            "j",
+            3,
+            CPU,
+            0.0,
+            settled=(0,),
+            orphans=(TaskAttempt("j", 1, 1), TaskAttempt("j", 2, 4)),
+            orphan_workers=("w1", "w2"),
+        )
+    )
+    out = join(s, "w1", slots=2, now=1.0, holding=[TaskAttempt("j", 1, 1)])
+    assert assigns(out) == [], "the adopted task is not run again; task 2 waits for its worker"
+    out = s.handle(Tick(6.0))
+    assert assigns(out) == [("w1", "j", 2, 5)]
+    out = finish(s, "w1", "j", 1, attempt=1, now=6.5)
+    out += finish(s, "w1", "j", 2, attempt=5, now=6.6)
+    assert JobSettled("j", Status.DONE) in out
+
+
+def test_reconnect_claims_unknown_attempt_is_cancelled() -> None:
+    s = sched()
+    out = join(s, "w1", holding=[TaskAttempt("gone", 0, 1)])
+    assert CancelAttempt("w1", "gone", 0, 1) in out
+
+
+def test_draining_worker_hands_back_and_gets_nothing_new() -> None:
+    s = sched(prefetch=2)
+    join(s, "w1")
+    s.handle(JobAdded("j", 5, CPU, 0.0))
+    queued = [t for t in s.workers["w1"].out.values() if t.index > 0]
+    out = s.handle(
+        WorkerDraining("w1", 1.0, tuple(TaskAttempt("j", t.index, t.attempt) for t in queued))
+    )
+    assert assigns(out) == []
+    assert s.jobs["j"].tasks[1].failures == 0, "handing back is nobody's fault"
+    out = finish(s, "w1", "j", 0)
+    assert assigns(out) == []
+    join(s, "w2", now=2.0)
+    s.handle(WorkerLeft("w1", 2.0))
+    assert len(s.workers["w2"].out) == 3, "one slot plus a prefetch of two"
