@@ -176,6 +176,7 @@ class TaskResult:
     value: Payload | None = None
     error: str = ""
     duration_s: float = 0.0
+    item: int = -1  # in a map chunk: the global index of the item that failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +191,7 @@ class TaskDone:
     worker: str = ""
     attempts: int = 1
     duration_s: float = 0.0
+    item: int = -1  # in a map chunk: the global index of the item that failed
 
 
 @dataclass(frozen=True, slots=True)

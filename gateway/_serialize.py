@@ -9,7 +9,12 @@ as their own frames and are loaded zero-copy on the other side.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import site
+import sys
+import sysconfig
+from types import ModuleType
 from typing import Any
 
 import cloudpickle
@@ -51,10 +56,37 @@ def dumps(value: Any, *, what: str = "value") -> Payload:
     return Payload(data, tuple(buffers))
 
 
+def _local_module(fn: Any) -> ModuleType | None:
+    """The module defining ``fn`` if workers cannot be expected to import it: a script's or a
+    notebook's neighbour (``helpers.py``), not an installed package or the standard library."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    if module is None or path is None or module.__name__ == "__main__":
+        return None  # __main__ is pickled by value anyway
+    path = os.path.realpath(path)
+    installed = {os.path.realpath(p) for p in (sysconfig.get_paths()["stdlib"], *site_paths())}
+    if any(path.startswith(root + os.sep) for root in installed):
+        return None
+    return module
+
+
+def site_paths() -> list[str]:
+    paths = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    return [*paths, *site.getsitepackages(), site.getusersitepackages()]
+
+
 def dumps_function(fn: Any, *, what: str = "function") -> Payload:
-    """Pickle a callable by value with cloudpickle (so notebook functions travel)."""
+    """Pickle a callable by value with cloudpickle (so notebook functions travel), along with
+    the code of a local, not-installed module that defines it."""
+    module = _local_module(fn)
     try:
-        return Payload(cloudpickle.dumps(fn, protocol=PROTOCOL))
+        if module is not None:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return Payload(cloudpickle.dumps(fn, protocol=PROTOCOL))
+        finally:
+            if module is not None:
+                cloudpickle.unregister_pickle_by_value(module)
     except Exception as exc:
         raise SerializationError(
             f"Cannot send {what} {getattr(fn, '__name__', fn)!r}: it cannot be pickled "

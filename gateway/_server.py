@@ -423,6 +423,7 @@ class Gateway:
             ins.worker,
             ins.attempts,
             result.duration_s if result is not None else 0.0,
+            result.item if result is not None and value is None else -1,
         )
         if ins.status == TaskStatus.OK:
             job.done += 1

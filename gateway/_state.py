@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS tasks (
     job_id TEXT, idx INTEGER, args BLOB, args_ref TEXT,
     status INTEGER, value BLOB, value_ref TEXT, error TEXT, worker TEXT,
-    attempts INTEGER DEFAULT 0, duration_s REAL, finished REAL,
+    attempts INTEGER DEFAULT 0, duration_s REAL, finished REAL, item INTEGER,
     PRIMARY KEY (job_id, idx)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts (
     job_id TEXT, idx INTEGER, attempt INTEGER, worker TEXT, status INTEGER, error TEXT,
@@ -147,7 +147,8 @@ class StateStore:
         raw, ref = self._payload_columns(done.value) if done.value is not None else (None, None)
         self._later(
             "UPDATE tasks SET status=?, value=?, value_ref=?, error=?, worker=?, attempts=?, "
-            "duration_s=?, finished=?, args=NULL WHERE job_id=? AND idx=? AND status IS NULL",
+            "duration_s=?, finished=?, item=?, args=NULL "
+            "WHERE job_id=? AND idx=? AND status IS NULL",
             (
                 done.status,
                 raw,
@@ -157,6 +158,7 @@ class StateStore:
                 done.attempts,
                 done.duration_s,
                 time.time(),
+                done.item,
                 done.job_id,
                 done.index,
             ),
@@ -242,7 +244,7 @@ class StateStore:
 
     def settled_tasks(self, job_id: str) -> list[TaskDone]:
         rows = self._db.execute(
-            "SELECT idx, status, value, value_ref, error, worker, attempts, duration_s "
+            "SELECT idx, status, value, value_ref, error, worker, attempts, duration_s, item "
             "FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx",
             (job_id,),
         ).fetchall()
@@ -256,8 +258,9 @@ class StateStore:
                 worker or "",
                 attempts or 0,
                 duration or 0.0,
+                -1 if item is None else item,
             )
-            for idx, status, raw, ref, error, worker, attempts, duration in rows
+            for idx, status, raw, ref, error, worker, attempts, duration, item in rows
         ]
 
     def outputs(self, job_id: str, index: int = -1) -> list[Output]:

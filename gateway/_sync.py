@@ -107,8 +107,9 @@ class Job:
         if isinstance(ev, TaskDone):
             self._done[ev.index] = ev
         elif isinstance(ev, JobUpdate):
-            if ev.spec is not None:
+            if ev.spec is not None:  # the head of an attach replay; its end follows
                 self._adopt_spec(ev.spec)
+                return
             self.state, self.error = Status(ev.state), ev.error
             if self.state.finished:
                 self.finished_at = time.monotonic()
@@ -175,10 +176,9 @@ class Job:
 
     def _item_of(self, d: TaskDone) -> tuple[Any, str]:
         if self.kind == "map" and self.items is not None:
+            if 0 <= d.item < len(self.items):
+                return self.items[d.item], f"for item {self.items[d.item]!r}"
             chunk = self.items[d.index * self.chunk : (d.index + 1) * self.chunk]
-            failed_item = _failed_item_index(d.error)
-            if failed_item is not None and 0 <= failed_item < len(self.items):
-                return self.items[failed_item], f"for item {self.items[failed_item]!r}"
             return list(chunk), f"{d.index} (items {d.index * self.chunk}..)"
         return None, str(d.index)
 
@@ -252,17 +252,6 @@ class Job:
 
             client = Client(find_connection())
         return client.attach(job_id)
-
-
-def _failed_item_index(error: str) -> int | None:
-    marker = "Exception in item "
-    for line in error.splitlines():
-        if line.startswith(marker):
-            try:
-                return int(line[len(marker) :].split()[0])
-            except ValueError:
-                return None
-    return None
 
 
 class Client:

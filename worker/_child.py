@@ -103,9 +103,7 @@ class _TaskProcess:
             return self._fail(a, S.CANCELLED, "Interrupted", t0, show_tb=False)
         except BaseException:
             self._running = False
-            item = self.capture.label[2]
-            where = f"item {item}" if item >= 0 else "the task"
-            return self._fail(a, S.ERROR, f"Exception in {where}", t0)
+            return self._fail(a, S.ERROR, "", t0)
         finally:
             self._running = False
         self.capture.label = (a.job_id, a.index, -1)
@@ -120,9 +118,10 @@ class _TaskProcess:
         text = headline
         if show_tb:
             text = _format_exception(*sys.exc_info())
+        item = self.capture.label[2]
         self.capture.drain()
         self.capture.label = ("", -1, -1)
-        return TaskResult(a.job_id, a.index, a.attempt, int(status), None, text, _since(t0))
+        return TaskResult(a.job_id, a.index, a.attempt, int(status), None, text, _since(t0), item)
 
     def _function(self, key: str, fn: Payload | None, meta: dict[str, Any]) -> Any:
         found = self._fns.get(key)
