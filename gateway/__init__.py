@@ -23,7 +23,7 @@ from gateway._errors import (
     Unschedulable,
     VersionMismatch,
 )
-from gateway._messages import Output, Payload, Resources, Status, TaskStatus
+from gateway._messages import JobUpdate, Output, Payload, Resources, Status, TaskDone, TaskStatus
 from gateway._serialize import dumps, dumps_function, loads
 from gateway._settings import (
     ConnectionInfo,
@@ -49,6 +49,7 @@ __all__ = [
     "JobCancelled",
     "JobError",
     "JobNotFound",
+    "JobUpdate",
     "MessageTooLarge",
     "NoGateway",
     "Output",
@@ -59,6 +60,7 @@ __all__ = [
     "Resources",
     "SerializationError",
     "Status",
+    "TaskDone",
     "TaskError",
     "TaskStatus",
     "Timeouts",

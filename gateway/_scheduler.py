@@ -81,6 +81,7 @@ class WorkerJoined:
     tags: frozenset[str]
     now: float
     holding: tuple[TaskAttempt, ...] = ()  # attempts it still runs or queues (reconnect)
+    same_process: bool = False  # a re-hello from the process we knew: its tasks are in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,15 +366,23 @@ class Scheduler:
         w = _Worker(ev.name, ev.slots, ev.gpus, ev.tags, ev.now)
         self.workers[ev.name] = w
         holding = {(a.job_id, a.index): a.attempt for a in ev.holding}
-        if old is not None:  # a reconnect: what it no longer holds was lost on the way
+        if old is not None and ev.same_process:
+            # Assignments may still be on their way to it: keep them.
+            w.out, w.used_slots, w.used_gpus = old.out, old.used_slots, old.used_gpus
+        elif old is not None:  # a new process under the old name: what it lacks is lost
             for key, t in list(old.out.items()):
                 if holding.get(key) != t.attempt and (job := self.jobs.get(key[0])):
                     self._attempt_failed(job, t, old.name, TaskStatus.LOST, old)
         for a in ev.holding:
             job = self.jobs.get(a.job_id)
             t = job.tasks[a.index] if job and 0 <= a.index < len(job.tasks) else None
-            adoptable = t is not None and t.attempt == a.attempt and t.state is not _T.FINAL
+            if t is not None and job is not None and w.out.get((a.job_id, a.index)) is t:
+                continue  # already ours (a re-hello from the same process)
+            adoptable = t is not None and t.state is not _T.FINAL and (
+                t.attempt == a.attempt or t.state is _T.ORPHAN
+            )
             if adoptable and t is not None and job is not None:
+                t.attempt = max(t.attempt, a.attempt)
                 if t.state is _T.QUEUED:
                     job.queue.remove(t.index)
                 t.state, t.worker = _T.OUT, w.name

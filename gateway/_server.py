@@ -595,11 +595,14 @@ class Gateway:
         w = self._workers.get(name)
         if w is None or w.ident != ident:
             # Not registered (we restarted, or declared it lost): it must say hello again.
+            # Its results are authenticated and still count: the first result wins anyway.
             self._send_raw(
                 self._workers_sock, self._worker_codec, ident, Refused("say hello", retry=True)
             )
-            return
-        self.scheduler.handle(sch.WorkerHeard(name, now))
+            if not isinstance(msg, TaskResults | Outputs):
+                return
+        else:
+            self.scheduler.handle(sch.WorkerHeard(name, now))
         match msg:
             case Heartbeat():
                 self._to_workers[name].append(Heartbeat())
@@ -651,7 +654,9 @@ class Gateway:
                 Refused("the worker's socket identity must be its name", retry=False),
             )
             return
-        self._workers[name] = _Worker(ident, hello, now)
+        old = self._workers.get(name)
+        same_process = old is not None and old.hello.pid == hello.pid
+        self._workers[name] = _Worker(ident, hello, now, old.fns if same_process else set())
         t = self.settings.timeouts
         self._to_workers[name].append(
             Welcome(self.gateway_id, t.heartbeat_interval_s, t.heartbeat_timeout_s)
@@ -659,7 +664,13 @@ class Gateway:
         self._apply(
             self.scheduler.handle(
                 sch.WorkerJoined(
-                    name, hello.slots, len(hello.gpus), frozenset(hello.tags), now, hello.running
+                    name,
+                    hello.slots,
+                    len(hello.gpus),
+                    frozenset(hello.tags),
+                    now,
+                    hello.running,
+                    same_process,
                 )
             )
         )

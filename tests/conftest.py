@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 import pilot
-from gateway import Timeouts
-
-# Fast failure detection in tests: a lost worker is noticed within 2 s.
-TEST_TIMEOUTS = Timeouts(heartbeat_interval_s=0.25, heartbeat_timeout_s=2.0, orphan_grace_s=2.0)
+from tests_support import TEST_TIMEOUTS
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +27,3 @@ def cluster() -> Iterator[pilot.LocalCluster]:
 @pytest.fixture(scope="module")
 def client(cluster: pilot.LocalCluster) -> pilot.Client:
     return cluster.client()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    """Poll ``predicate`` until true, failing the test past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)  # a poll interval under a deadline, not a wait for start-up
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

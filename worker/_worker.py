@@ -91,6 +91,7 @@ class Worker:
         self._results: list[TaskResult] = []
         self._unsent_results: list[TaskResult] = []  # kept across reconnects
         self._last_heard = time.monotonic()
+        self._hello_at = 0.0
         self._welcomed = asyncio.Event()
         self._stop = asyncio.Event()
         self._group: asyncio.TaskGroup | None = None
@@ -192,6 +193,7 @@ class Worker:
             tuple(TaskAttempt(a.job_id, a.index, a.attempt) for a in self._holding.values()),
             os.getpid(),
         )
+        self._hello_at = time.monotonic()
         self._send_gateway(hello)
 
     def _send_gateway(self, msg: Any) -> None:
@@ -236,8 +238,10 @@ class Worker:
             case CancelTasks(attempts=attempts):
                 self._cancel(attempts)
             case Refused(reason=reason, retry=True):
-                log.info("gateway asks us to register again (%s)", reason)
-                self._hello()
+                # Every message we sent before it knew us is refused: say hello once.
+                if time.monotonic() - self._hello_at > self.settings.timeouts.heartbeat_interval_s:
+                    log.info("gateway asks us to register again (%s)", reason)
+                    self._hello()
             case Refused(reason=reason):
                 log.error("gateway refused this worker: %s", reason)
                 self._stop.set()
