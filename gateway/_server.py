@@ -26,7 +26,7 @@ import zmq
 from gateway import _scheduler as sch
 from gateway._blobs import BlobStore
 from gateway._drain import Drain
-from gateway._errors import MessageTooLarge, ProtocolError, VersionMismatch
+from gateway._errors import MessageTooLarge, PilotError, ProtocolError, VersionMismatch
 from gateway._messages import (
     FROM_CLIENT,
     FROM_WORKER,
@@ -197,9 +197,21 @@ class Gateway:
         if self._http is not None:
             self._http.stop()
         self.store.close()
+        self._remove_connection_file()
         for sock in (self._clients_sock, self._workers_sock):
             sock.close(linger=0)
         self._ctx.term()
+
+    def _remove_connection_file(self) -> None:
+        """A stopped gateway's file would send clients to nobody; another's is left alone."""
+        path = self.settings.connection_file
+        if path is None:
+            return
+        try:
+            if ConnectionInfo.load(path).gateway_id == self.gateway_id:
+                path.unlink()
+        except PilotError as exc:
+            log.debug("connection file not removed: %s", exc)
 
     async def serve_forever(self) -> None:
         await self._stopping.wait()
