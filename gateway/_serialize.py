@@ -8,7 +8,9 @@ as their own frames and are loaded zero-copy on the other side.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import os
 import pickle
 import site
@@ -63,11 +65,18 @@ def _local_module(fn: Any) -> ModuleType | None:
     path = getattr(module, "__file__", None)
     if module is None or path is None or module.__name__ == "__main__":
         return None  # __main__ is pickled by value anyway
+    if module.__name__.split(".")[0] in _distributed_packages():
+        return None  # installed (editable installs too): the worker imports it by name
     path = os.path.realpath(path)
     installed = {os.path.realpath(p) for p in (sysconfig.get_paths()["stdlib"], *site_paths())}
     if any(path.startswith(root + os.sep) for root in installed):
         return None
     return module
+
+
+@functools.cache
+def _distributed_packages() -> frozenset[str]:
+    return frozenset(importlib.metadata.packages_distributions())
 
 
 def site_paths() -> list[str]:

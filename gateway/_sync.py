@@ -238,6 +238,13 @@ class Job:
             if isinstance(ev, JobUpdate) and Status(ev.state).finished:
                 return
 
+    def next_event(self, timeout: float | None = None) -> Any | None:
+        """The next event (as ``events`` yields them), or None after ``timeout`` without one."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
     def stream(self) -> Iterator[Output]:
         """Only the outputs, live, until the job ends."""
         for ev in self.events():

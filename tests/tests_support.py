@@ -29,3 +29,67 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class KernelDriver:
+    """A real kernel started through jupyter_client; ``run(code)`` returns the IOPub messages
+    whose parent is that execution, and its reply. Stop it with ``shutdown()``."""
+
+    def __init__(self, kernel_name: str = "python3", env: dict[str, str] | None = None) -> None:
+        from jupyter_client.manager import start_new_kernel
+
+        self.km, self.kc = start_new_kernel(
+            kernel_name=kernel_name, env={**os.environ, **(env or {})}
+        )
+
+    def run(self, code: str, timeout: float = 60.0, allow_stdin: bool = False) -> Execution:
+        msg_id = self.kc.execute(code, allow_stdin=allow_stdin)
+        return self.collect(msg_id, timeout)
+
+    def collect(self, msg_id: str, timeout: float = 60.0) -> Execution:
+        messages = []
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+            messages.append(msg)
+        reply = self.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+        return Execution(messages, reply)
+
+    def shutdown(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+class Execution:
+    def __init__(self, messages: list[dict], reply: dict) -> None:
+        self.messages = messages
+        self.reply = reply
+
+    @property
+    def status(self) -> str:
+        return self.reply["content"]["status"]
+
+    def of(self, *types: str) -> list[dict]:
+        return [m for m in self.messages if m["msg_type"] in types]
+
+    @property
+    def stdout(self) -> str:
+        return "".join(
+            m["content"]["text"] for m in self.of("stream") if m["content"]["name"] == "stdout"
+        )
+
+    @property
+    def stderr(self) -> str:
+        return "".join(
+            m["content"]["text"] for m in self.of("stream") if m["content"]["name"] == "stderr"
+        )
+
+    @property
+    def error(self) -> dict:
+        errors = self.of("error")
+        assert errors, f"no error; messages: {[m['msg_type'] for m in self.messages]}"
+        return errors[0]["content"]

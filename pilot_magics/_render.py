@@ -1,0 +1,226 @@
+"""Showing a running job in the cell that started it.
+
+Runs on the kernel's main thread (display must), fed by ``CellRun.follow()``: each item's
+stdout/stderr lines are labelled (``[frame 17] rendering 17``), display data is published
+inline, one progress line is updated in place (a ``display_id`` update in a Jupyter frontend; a
+carriage-return line on a terminal), and a summary closes it. Failed tasks print their remote
+traceback, labelled; the cell then ends in ``RemoteCellError``, whose traceback is the remote
+one, with the cell's own line numbers and source.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from IPython.display import DisplayHandle, display, publish_display_data, update_display
+
+from gateway import JobUpdate, Output, TaskDone, TaskError, TaskStatus
+from gateway._sync import Job
+
+__all__ = ["CellRun", "RemoteCellError"]
+
+PROGRESS_EVERY_S = 0.1
+LABEL_MAX = 40
+
+
+class RemoteCellError(TaskError):
+    """A task of the cell failed; IPython shows the remote traceback as the cell's error."""
+
+    def _render_traceback_(self) -> list[str]:
+        head = f"{self.args[0]}"
+        return [head, "", *self.remote_traceback.rstrip().splitlines()]
+
+
+def _label_maker(name: str | None, items: Sequence[Any] | None) -> Callable[[int], str]:
+    if name is None or items is None:
+        return lambda i: ""
+
+    def label(i: int) -> str:
+        if 0 <= i < len(items):
+            text = str(items[i])
+            text = text if len(text) <= LABEL_MAX else text[: LABEL_MAX - 1] + "…"
+            return f"[{name} {text}] "
+        return ""
+
+    return label
+
+
+class CellRun:
+    """Follow ``job`` and show it. ``until`` is called with (item index, result) for each
+    result as it arrives and returns True to stop the job early."""
+
+    def __init__(
+        self,
+        job: Job,
+        *,
+        label_name: str | None,
+        quiet: bool = False,
+        until: Callable[[int, Any], bool] | None = None,
+        rich: bool = True,
+    ) -> None:
+        self.job = job
+        self.label = _label_maker(label_name, job.items)
+        self.quiet = quiet
+        self.until = until
+        self.rich = rich
+        self.found: tuple[int, Any] | None = None
+        self._partial: dict[tuple[int, str], str] = {}
+        self._handle: DisplayHandle | None = None
+        self._last_progress = 0.0
+        self._failed: list[TaskError] = []
+        self._start = time.monotonic()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Show events until the job ends (or ``until`` stops it). KeyboardInterrupt cancels
+        the job and is re-raised."""
+        self._progress(force=True)
+        try:
+            while True:
+                ev = self.job.next_event(PROGRESS_EVERY_S)
+                if ev is None:
+                    self._progress()
+                    continue
+                if self._on_event(ev):
+                    break
+        except KeyboardInterrupt:
+            self.job.cancel()
+            self._flush_partial()
+            self._progress(force=True, note="cancelled")
+            raise
+        self._flush_partial()
+        self._progress(force=True)
+
+    def _on_event(self, ev: Any) -> bool:
+        match ev:
+            case Output():
+                if not self.quiet:
+                    self._output(ev)
+            case TaskDone():
+                self._task_done(ev)
+                if self.found is not None:
+                    self.job.cancel()
+                    return True
+                self._progress()
+            case JobUpdate() if self.job.done():
+                return True
+        return False
+
+    # -- outputs ------------------------------------------------------------------------------
+
+    def _output(self, out: Output) -> None:
+        if out.kind in ("stdout", "stderr"):
+            self._stream(out.item, out.kind, out.data.decode("utf-8", "replace"))
+        elif out.kind == "display":
+            extra = out.extra or {}
+            data, metadata = out.data, extra.get("metadata") or {}
+            transient = extra.get("transient") or {}
+            if extra.get("update") and transient.get("display_id"):
+                update_display(data, raw=True, display_id=transient["display_id"])
+            else:
+                publish_display_data(data, metadata, transient=transient)
+        elif out.kind == "clear_output":
+            from IPython.display import clear_output
+
+            clear_output(wait=bool((out.extra or {}).get("wait")))
+
+    def _stream(self, item: int, kind: str, text: str) -> None:
+        key = (item, kind)
+        text = self._partial.pop(key, "") + text
+        lines = text.split("\n")
+        self._partial[key] = lines.pop()
+        if lines:
+            label = self.label(item)
+            stream = sys.stdout if kind == "stdout" else sys.stderr
+            stream.write("".join(f"{label}{line}\n" for line in lines))
+
+    def _flush_partial(self) -> None:
+        for (item, kind), rest in self._partial.items():
+            if rest:
+                stream = sys.stdout if kind == "stdout" else sys.stderr
+                stream.write(f"{self.label(item)}{rest}\n")
+        self._partial.clear()
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _task_done(self, d: TaskDone) -> None:
+        if d.status == TaskStatus.OK:
+            if self.until is not None:
+                self._check_until(d)
+            return
+        if d.status == TaskStatus.CANCELLED:
+            return
+        self._flush_partial()
+        err = self.job._task_error(d)
+        self._failed.append(err)
+        where = self.label(d.item).strip() or f"task {d.index}"
+        sys.stderr.write(f"{where} failed on {d.worker or 'a worker'}:\n{d.error.rstrip()}\n")
+
+    def _check_until(self, d: TaskDone) -> None:
+        values = self.job.value(d.index)
+        if self.job.kind == "map":
+            first = d.index * self.job.chunk
+            pairs = [(first + k, v) for k, v in enumerate(values)]
+        else:
+            pairs = [(d.index, values)]
+        assert self.until is not None
+        for index, value in pairs:
+            if self.until(index, value):
+                self.found = (index, value)
+                return
+
+    def error(self) -> RemoteCellError | None:
+        """The error the cell should end in, if any task failed."""
+        if not self._failed:
+            return None
+        first = self._failed[0]
+        more = f" (and {len(self._failed) - 1} more failed tasks)" if len(self._failed) > 1 else ""
+        return RemoteCellError(
+            f"{first}{more}".split("\n\nRemote traceback:")[0],
+            job_id=first.job_id,
+            index=first.index,
+            item=first.item,
+            remote_traceback=first.remote_traceback,
+            worker=first.worker,
+        )
+
+    # -- progress and summary -------------------------------------------------------------
+
+    def _progress(self, force: bool = False, note: str = "") -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        done, total = self.job.progress
+        text = f"{done}/{total} tasks · {now - self._start:.1f}s"
+        if note:
+            text += f" · {note}"
+        if not self.rich:
+            sys.stderr.write(f"\r{text}")
+            sys.stderr.flush()
+            return
+        html = (
+            f'<div style="font-family:monospace">'
+            f'<progress value="{done}" max="{total}" style="width:20em"></progress> {text}</div>'
+        )
+        bundle = {"text/plain": text, "text/html": html}
+        if self._handle is None:
+            self._handle = display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+
+    def summary(self) -> str:
+        items = len(self.job.items) if self.job.items is not None else self.job.n_tasks
+        done = [d for d in self.job._done.values() if d.status == TaskStatus.OK]
+        workers = {d.worker for d in done if d.worker}
+        wall = (self.job.finished_at or time.monotonic()) - self._start
+        busy = sum(d.duration_s for d in done)
+        speedup = busy / wall if wall > 0 else 0.0
+        return (
+            f"{items} items on {len(workers)} workers in {wall:.2f}s · "
+            f"task time {busy:.2f}s · speed-up {speedup:.2f}x"
+        )
