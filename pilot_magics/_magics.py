@@ -125,9 +125,8 @@ class PilotMagics(Magics):
         self.last_job = job
         if opts.async_var:
             ns[opts.async_var] = job
-            print(
-                f"job {job.id}: {len(items)} items in {job.n_tasks} tasks, bound to {opts.async_var}"
-            )
+            what = f"{len(items)} items in {job.n_tasks} tasks"
+            print(f"job {job.id}: {what}, bound to {opts.async_var}")
             return None
         run = CellRun(
             job,
