@@ -20,6 +20,7 @@ from gateway import (
     Client,
     ConnectionInfo,
     GatewaySettings,
+    NoGateway,
     PilotError,
     Status,
     WorkerSettings,
@@ -239,9 +240,22 @@ def _client() -> Client:
     return Client(find_connection())
 
 
+def _client_within(deadline: float) -> Client:
+    """A client, waiting for the gateway to appear (its connection file) until ``deadline``."""
+    while True:
+        try:
+            return _client()
+        except NoGateway:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)  # polling for a file another process will write
+
+
 def _status(args: argparse.Namespace) -> int:
-    with _client() as c:
-        reply = c.status(args.wait_workers, args.timeout if args.wait_workers else 0.0)
+    deadline = time.monotonic() + (args.timeout if args.wait_workers else 0.0)
+    with _client_within(deadline) as c:
+        left = max(0.0, deadline - time.monotonic())
+        reply = c.status(args.wait_workers, left if args.wait_workers else 0.0)
     if args.json:
         print(json.dumps(asdict(reply), indent=2, default=str))
     else:
