@@ -254,3 +254,36 @@ def test_draining_worker_hands_back_and_gets_nothing_new() -> None:
     join(s, "w2", now=2.0)
     s.handle(WorkerLeft("w1", 2.0))
     assert len(s.workers["w2"].out) == 3, "one slot plus a prefetch of two"
+
+
+def _run_alternating(s: Scheduler, job: str, out: list) -> list:
+    """Finish tasks taking turns between w1 and w2 (both equally fast); return assignments."""
+    placed = list(assigns(out))
+    turn = 0
+    while busy := [w for w in ("w1", "w2") if s.workers[w].out]:
+        w = busy[turn % len(busy)]
+        t = next(iter(s.workers[w].out.values()))
+        placed += assigns(finish(s, w, job, t.index))
+        turn += 1
+    return placed
+
+
+def test_locality_sends_a_rerun_back_to_the_worker_that_read_its_data() -> None:
+    s = sched()
+    join(s, "w1")
+    join(s, "w2")
+    keys = tuple(f"shard-{i}" for i in range(8))
+    first = _run_alternating(s, "a", s.handle(JobAdded("a", 8, CPU, 0.0, data_keys=keys)))
+    ran_on = {keys[i]: w for w, _, i, _ in first}
+    assert set(ran_on.values()) == {"w1", "w2"}
+    again = _run_alternating(s, "b", s.handle(JobAdded("b", 8, CPU, 1.0, data_keys=keys)))
+    hits = sum(ran_on[keys[i]] == w for w, _, i, _ in again)
+    assert hits == 8, f"{hits}/8 tasks went back to the worker that has their data"
+
+
+def test_without_data_keys_the_queue_order_holds() -> None:
+    s = sched()
+    join(s, "w1")
+    out = s.handle(JobAdded("j", 3, CPU, 0.0))
+    assert assigns(out) == [("w1", "j", 0, 1)]
+    assert assigns(finish(s, "w1", "j", 0)) == [("w1", "j", 1, 1)]
