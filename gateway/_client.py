@@ -44,6 +44,7 @@ from gateway._messages import (
     Submitted,
     TaskDone,
     TaskEvents,
+    TaskInput,
     Welcome,
 )
 from gateway._settings import ConnectionInfo, Timeouts
@@ -94,6 +95,7 @@ class AsyncClient:
         self._outbox: list[tuple[JobSpec, tuple[Payload, ...]]] = []
         self._requests: dict[str, asyncio.Future[Any]] = {}
         self._attaching: dict[str, asyncio.Future[JobState]] = {}
+        self._attach_requests: dict[str, str] = {}  # AttachJob msg_id -> job id
         self.gateway_id = ""
         self._welcome = asyncio.Event()
         self._last_heard = 0.0
@@ -196,6 +198,12 @@ class AsyncClient:
         self._fn_sent[spec.fn_key] = spec.fn
         return spec
 
+    def send_input(self, job_id: str, index: int, kind: str, data: Any = None) -> None:
+        """Something for a running task (a remote session's cell, an input() reply, an
+        interrupt); fire and forget."""
+        self._flush()
+        self._send(TaskInput(job_id, index, kind, data))
+
     async def cancel(self, job_id: str) -> None:
         self._flush()
         self._send(CancelJob(job_id))
@@ -233,7 +241,7 @@ class AsyncClient:
         if job is None:
             job = self.jobs[job_id] = JobState(job_id, listener=listener)
         fut = self._attaching[job_id] = asyncio.get_running_loop().create_future()
-        self._send(AttachJob(job_id))
+        self._attach_requests[self._send(AttachJob(job_id))] = job_id
         try:
             return await asyncio.wait_for(fut, self.timeouts.request_s)
         except TimeoutError:
@@ -246,6 +254,10 @@ class AsyncClient:
     def _receive(self, frames: list[zmq.Frame]) -> None:
         try:
             msg = self._codec.decode(frames).msg
+        except VersionMismatch as exc:
+            self._refused = exc  # start() raises it instead of waiting for a welcome
+            self._welcome.set()
+            return
         except PilotError as exc:
             log.warning("rejected a message from the gateway: %s", exc)
             return
@@ -312,11 +324,17 @@ class AsyncClient:
             if job_id in self._unacked:
                 self._outbox.append(self._unacked.pop(job_id))
             return
+        if kind == "JobNotFound" and request_id in self._attach_requests:
+            job_id = self._attach_requests.pop(request_id)
+            fut = self._attaching.get(job_id)
+            if fut is not None and not fut.done():
+                self.jobs.pop(job_id, None)
+                fut.set_exception(JobNotFound(error))
+            return
         if kind == "JobNotFound":
-            for job_id, fut in list(self._attaching.items()):
-                if job_id in error and not fut.done():
-                    self.jobs.pop(job_id, None)
-                    fut.set_exception(JobNotFound(error))
+            fut = self._requests.get(request_id)
+            if fut is not None and not fut.done():
+                fut.set_exception(JobNotFound(error))
             return
         fut = self._requests.get(request_id)
         if fut is not None and not fut.done():

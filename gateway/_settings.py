@@ -70,7 +70,8 @@ class ConnectionInfo:
 
     @classmethod
     def from_url(cls, url: str, key: str) -> ConnectionInfo:
-        """A gateway given as ``tcp://HOST:PORT`` (its client port); the key must be known."""
+        """A gateway given as ``tcp://HOST:PORT``: its client port for a client, its worker
+        port for a worker. The key must be known."""
         return cls(client_url=url, worker_url=url, key=key)
 
     @classmethod

@@ -56,6 +56,8 @@ class _IOThread:
         try:
             return fut.result(timeout)
         except TimeoutError:
+            if fut.done():
+                raise  # the coroutine's own PilotTimeout, with its own message
             fut.cancel()
             raise PilotTimeout("The operation did not finish in time.") from None
 
@@ -441,6 +443,10 @@ class Client:
 
     def cancel(self, job_id: str) -> None:
         self._io.run(self._async.cancel(job_id), self.timeouts.request_s)
+
+    def send_input(self, job_id: str, index: int, kind: str, data: Any = None) -> None:
+        """Send something to a running task; returns at once (see ``AsyncClient``)."""
+        self._io.loop.call_soon_threadsafe(self._async.send_input, job_id, index, kind, data)
 
 
 def _dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload:

@@ -18,6 +18,7 @@ from typing import Any
 
 from gateway import (
     Client,
+    ConfigError,
     ConnectionInfo,
     GatewaySettings,
     NoGateway,
@@ -182,7 +183,16 @@ def _port(url: str) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from worker import Worker, parse_size
 
-    connection = find_connection(args.connect)
+    if args.slots < 1:
+        raise ConfigError(f"--slots must be at least 1 (got {args.slots}).")
+    try:
+        connection = find_connection(args.connect)
+    except NoGateway as exc:
+        raise NoGateway(
+            f"{exc.args[0].split(':')[0]}: give the gateway with --connect FILE (its "
+            "connection.json) or --connect tcp://HOST:PORT (its worker port, with PILOT_KEY "
+            "set), or start one here with `pilot up`."
+        ) from None
     settings = WorkerSettings(
         connection=connection,
         name=args.name or f"{socket.gethostname()}-{os.getpid()}",
@@ -224,9 +234,9 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  state            {home / 'state'}")
         if info.http_url:
             print(f"  dashboard        {info.http_url}")
-        print("Press Ctrl-C to stop.", flush=True)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        print("Press Ctrl-C to stop.", flush=True)
         while not stop:
             signal.pause()
     print("stopped.")

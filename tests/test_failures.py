@@ -7,11 +7,11 @@ import signal
 
 import pytest
 import zmq
+from tests_support import TEST_TIMEOUTS, wait_until
 
 import pilot
 from gateway import Codec, TaskDone
 from gateway import _messages as m
-from tests_support import TEST_TIMEOUTS, wait_until
 
 pytestmark = pytest.mark.system
 
@@ -114,9 +114,7 @@ def test_gateway_keeps_serving_through_garbage(
     finally:
         sock.close()
         ctx.term()
-    wait_until(
-        lambda: client.status().counters.get("rejected", 0) >= 5, what="rejections counted"
-    )
+    wait_until(lambda: client.status().counters.get("rejected", 0) >= 5, what="rejections counted")
     counters = client.status().counters
     assert counters["rejected_client_AuthenticationError"] >= 3
     assert counters["rejected_client_VersionMismatch"] == 1
@@ -127,3 +125,45 @@ def test_no_gateway_gives_a_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PILOT_HOME", str(tmp_path))
     with pytest.raises(pilot.NoGateway, match="pilot up"):
         pilot.connect()
+
+
+def test_stalled_worker_is_lost_then_comes_back_and_works() -> None:
+    with pilot.LocalCluster(workers=1, timeouts=TEST_TIMEOUTS) as cluster:
+        client = cluster.client()
+        assert client.submit(pow, 2, 5).result(30) == 32
+        proc = cluster.workers[0]
+        proc.send_signal(signal.SIGSTOP)  # silent past the gateway's 5 s deadline
+        try:
+            wait_until(lambda: not client.status().workers, timeout=30, what="worker lost")
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: len(client.status().workers) == 1, timeout=30, what="re-registered")
+        assert client.submit(pow, 3, 3).result(30) == 27, "it gets work again"
+
+
+def test_client_facing_another_major_version_is_told_so() -> None:
+    from gateway import ConnectionInfo, VersionMismatch
+
+    key = os.urandom(32).hex()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        info = ConnectionInfo(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port}", key)
+        import threading
+
+        def future_gateway() -> None:  # answers the hello in protocol 2
+            ident, *frames = router.recv_multipart()
+            reply = list(Codec(key).encode(m.Refused("hello")))
+            reply[0] = b"PILOT/2"
+            router.send_multipart([ident, *reply])
+
+        t = threading.Thread(target=future_gateway)
+        t.start()
+        with pytest.raises(VersionMismatch, match="same major version"):
+            pilot.Client(info)
+        t.join(10)
+    finally:
+        router.close()
+        ctx.term()
