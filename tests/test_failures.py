@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 import zmq
-from tests_support import TEST_TIMEOUTS, wait_until
 
 import pilot
 from gateway import Codec, TaskDone
 from gateway import _messages as m
+from tests_support import TEST_TIMEOUTS, wait_until
 
 pytestmark = pytest.mark.system
 
@@ -151,10 +152,9 @@ def test_client_facing_another_major_version_is_told_so() -> None:
     port = router.bind_to_random_port("tcp://127.0.0.1")
     try:
         info = ConnectionInfo(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port}", key)
-        import threading
 
         def future_gateway() -> None:  # answers the hello in protocol 2
-            ident, *frames = router.recv_multipart()
+            ident, *_ = router.recv_multipart()
             reply = list(Codec(key).encode(m.Refused("hello")))
             reply[0] = b"PILOT/2"
             router.send_multipart([ident, *reply])

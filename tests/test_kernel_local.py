@@ -19,10 +19,10 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+import pilot_kernel
+
 # Collected here, exactly once (see the helper module's docstring).
 from kernel_conformance import PilotKernelTests  # noqa: F401
-
-import pilot_kernel
 from pilot_kernel import install, uninstall
 from pilot_kernel._kernelspec import spec_dict
 

@@ -148,8 +148,7 @@ def test_restart_releases_the_remote_session(
     job_id = _session_jobs(client)[0].job_id
     kernel.km.restart_kernel(now=False)
     wait_until(
-        lambda: next(j for j in client.jobs(50) if j.job_id == job_id).state
-        == Status.CANCELLED,
+        lambda: next(j for j in client.jobs(50) if j.job_id == job_id).state == Status.CANCELLED,
         timeout=30,
         what="session released",
     )
@@ -165,8 +164,9 @@ def test_killed_kernel_session_is_reclaimed_by_its_lease(
         job_id = _session_jobs(client)[0].job_id
         os.kill(k.km.provisioner.process.pid, signal.SIGKILL)
         wait_until(
-            lambda: next(j for j in client.jobs(50) if j.job_id == job_id).state
-            == Status.CANCELLED,
+            lambda: (
+                next(j for j in client.jobs(50) if j.job_id == job_id).state == Status.CANCELLED
+            ),
             timeout=30,
             what="lease expired",
         )

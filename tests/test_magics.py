@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from tests_support import TEST_TIMEOUTS, KernelDriver, wait_until
 
 import pilot
 from gateway import Status
+from tests_support import TEST_TIMEOUTS, KernelDriver, wait_until
 
 pytestmark = pytest.mark.system
 

@@ -206,7 +206,7 @@ def test_result_is_recorded_once() -> None:
     s.handle(Tick(6.0))  # w1 lost: the task moves to w2 as attempt 2
     join(s, "w1", now=6.1)  # w1 comes back...
     out = finish(s, "w1", "j", 0, attempt=1)  # ...and its old attempt finishes first
-    assert [i for i in out if isinstance(i, TaskSettled)][0].attempt == 1
+    assert next(i for i in out if isinstance(i, TaskSettled)).attempt == 1
     assert CancelAttempt("w2", "j", 0, 2) in out
     assert finish(s, "w2", "j", 0, attempt=2) == [], "the second result is ignored"
 
