@@ -13,6 +13,7 @@ The one name a user remembers::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gateway import (
@@ -51,7 +52,20 @@ __all__ = [
     "TaskError",
     "Unschedulable",
     "connect",
+    "output_dir",
 ]
+
+
+def output_dir() -> Path:
+    """Inside a task: a directory whose files come back as the task's result files (to the
+    gateway, then ``job.files()`` in the notebook; or to the job's ``results`` URL). Raises
+    ``PilotError`` outside a task."""
+    path = os.environ.get("PILOT_OUTPUT_DIR")  # set by the worker for the running task
+    if not path:
+        raise PilotError("pilot.output_dir() is for code that runs as a task on a worker.")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def connect(target: str | Path | None = None, *, name: str = "") -> Client:
