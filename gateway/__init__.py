@@ -23,6 +23,7 @@ from gateway._errors import (
     Unschedulable,
     VersionMismatch,
 )
+from gateway._job import Job
 from gateway._messages import JobUpdate, Output, Payload, Resources, Status, TaskDone, TaskStatus
 from gateway._serialize import dumps, dumps_function, loads
 from gateway._settings import (
@@ -33,7 +34,7 @@ from gateway._settings import (
     default_home,
     find_connection,
 )
-from gateway._sync import Client, Job
+from gateway._sync import Client
 from gateway._wire import VERSION, Codec
 
 __all__ = [

@@ -42,13 +42,18 @@ class BlobStore:
     def _path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
 
-    def put(self, p: Payload) -> str:
-        """Store ``p``; return its digest. Writes to a temporary file, then renames."""
+    def put(self, p: Payload, key: str | None = None) -> str:
+        """Store ``p``; return its digest, or store it under ``key`` (64 hex digits the caller
+        derived from the content, e.g. from digests it already has) and return that. Writes to
+        a temporary file, then renames."""
         parts = [memoryview(p.data), *(memoryview(b).cast("B") for b in p.buffers)]
-        h = hashlib.sha256()
-        for part in parts:
-            h.update(part)
-        digest = h.hexdigest()
+        if key is None:
+            h = hashlib.sha256()
+            for part in parts:
+                h.update(part)
+            digest = h.hexdigest()
+        else:
+            digest = key
         path = self._path(digest)
         if path.exists():
             return digest

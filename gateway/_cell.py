@@ -66,9 +66,12 @@ class CellFunction:
         ns.update(self.constants)
         return ns
 
-    def __call__(self, item: Any = None) -> Any:
+    def __call__(self, item: Any = None, **data: Any) -> Any:
+        """Run the cell for ``item``; ``data`` are the datasets (``--data NAME=URL``) the
+        worker bound for this item, by name."""
         body, last = self._compiled()
         ns = self.namespace()
+        ns.update(data)
         if self.bind:
             ns[self.bind[0]] = item
         exec(body, ns)

@@ -19,13 +19,15 @@ from typing import Any
 
 import zmq
 
-from gateway._drain import Drain
+from gateway._drain import Drain, send_frames
 from gateway._errors import JobNotFound, NoGateway, PilotError, PilotTimeout, VersionMismatch
 from gateway._messages import (
     AttachJob,
+    BlobReply,
     CancelJob,
     ClientHello,
     ErrorReply,
+    GetBlob,
     Goodbye,
     Heartbeat,
     JobSpec,
@@ -36,6 +38,7 @@ from gateway._messages import (
     LogsReply,
     Outputs,
     Payload,
+    PutBlob,
     Refused,
     Status,
     StatusQuery,
@@ -156,7 +159,7 @@ class AsyncClient:
 
     def _send(self, msg: Any) -> str:
         assert self._sock is not None
-        self._sock.send_multipart(self._codec.encode(msg), copy=False)
+        send_frames(self._sock, self._codec.encode(msg))
         if self._drain is not None:
             self._drain.kick()
         return self._codec.last_msg_id
@@ -230,6 +233,19 @@ class AsyncClient:
         reply: JobsReply = await self._request(JobsQuery(limit))
         return reply
 
+    async def put_blob(self, digest: str, data: Payload) -> None:
+        """Store bytes in the gateway's blob store. Raises ``PilotError`` on a mismatch."""
+        reply: BlobReply = await self._request(PutBlob(digest, data), self.timeouts.request_s * 6)
+        if not reply.ok:
+            raise PilotError(f"The gateway refused blob {digest}: {reply.error}")
+
+    async def get_blob(self, digest: str) -> Payload:
+        """A stored blob's bytes. Raises ``PilotError`` if the gateway has none."""
+        reply: BlobReply = await self._request(GetBlob(digest), self.timeouts.request_s * 6)
+        if not reply.ok or reply.data is None:
+            raise PilotError(f"The gateway has no blob {digest}: {reply.error}")
+        return reply.data
+
     async def logs(self, job_id: str, index: int = -1) -> LogsReply:
         reply: LogsReply = await self._request(LogsQuery(job_id, index))
         return reply
@@ -283,13 +299,15 @@ class AsyncClient:
             case Submitted(job_ids=job_ids):
                 for job_id in job_ids:
                     self._unacked.pop(job_id, None)
-            case TaskEvents(done=done):
+            case TaskEvents(done=done, ended=ended):
                 for d in done:
                     job = self.jobs.get(d.job_id)
                     if job is not None and d.index not in job.done:
                         job.done[d.index] = d
                         if job.listener:
                             job.listener(d)
+                for update in ended:
+                    self._job_update(update)
             case Outputs(outputs=outputs):
                 for out in outputs:
                     job = self.jobs.get(out.job_id)
@@ -297,7 +315,7 @@ class AsyncClient:
                         job.listener(out)
             case JobUpdate():
                 self._job_update(msg)
-            case StatusReply() | JobsReply() | LogsReply():
+            case StatusReply() | JobsReply() | LogsReply() | BlobReply():
                 fut = self._requests.get(msg.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -311,6 +329,8 @@ class AsyncClient:
         if msg.spec is not None:
             job.spec = msg.spec
         job.state, job.error = Status(msg.state), msg.error
+        if job.state.finished:
+            self._unacked.pop(msg.job_id, None)  # its end acknowledges its submit
         fut = self._attaching.get(msg.job_id)
         if fut is not None and not fut.done():
             fut.set_result(job)

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway._errors import DataError
+
 __all__ = ["MODES", "DataError", "DataRef", "redact", "resolve", "shard"]
 
 #: ``local``: the task gets local cached file paths; ``open``: fsspec ``OpenFile`` objects.
@@ -35,15 +37,6 @@ _REDACTED = "***"
 _GLOB_CHARS = ("*", "?", "[")
 # Named in the "unknown scheme" message, so a typo's fix is in sight.
 _COMMON_SCHEMES = ("s3", "gs", "az", "abfs", "http", "https", "hf", "file", "memory")
-
-
-class DataError(Exception):
-    """A dataset could not be listed or fetched.
-
-    The message names the URL, says what went wrong (nothing matched, permission denied,
-    backend not installed, file vanished) and how to fix it. The original exception, when
-    there is one, is chained as ``__cause__``.
-    """
 
 
 def redact(options: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -25,10 +25,13 @@ __all__ = [
     "Assign",
     "Assignment",
     "AttachJob",
+    "BlobReply",
     "CancelJob",
     "CancelTasks",
     "ClientHello",
     "ErrorReply",
+    "FileRef",
+    "GetBlob",
     "Goodbye",
     "GpuInfo",
     "Heartbeat",
@@ -42,6 +45,7 @@ __all__ = [
     "Output",
     "Outputs",
     "Payload",
+    "PutBlob",
     "Refused",
     "Resources",
     "Status",
@@ -52,6 +56,7 @@ __all__ = [
     "TaskAttempt",
     "TaskDone",
     "TaskEvents",
+    "TaskInput",
     "TaskResult",
     "TaskResults",
     "TaskStatus",
@@ -166,6 +171,17 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True)
+class FileRef:
+    """A file a task wrote: in the gateway's blob store (``digest``) or at ``url``."""
+
+    name: str
+    size: int
+    digest: str = ""
+    url: str = ""
+    item: int = -1
+
+
+@dataclass(frozen=True, slots=True)
 class TaskResult:
     """How an attempt ended, from the worker. ``value`` is set when ``status`` is OK."""
 
@@ -177,6 +193,7 @@ class TaskResult:
     error: str = ""
     duration_s: float = 0.0
     item: int = -1  # in a map chunk: the global index of the item that failed
+    files: tuple[FileRef, ...] = ()  # result files the task wrote
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +209,7 @@ class TaskDone:
     attempts: int = 1
     duration_s: float = 0.0
     item: int = -1  # in a map chunk: the global index of the item that failed
+    files: tuple[FileRef, ...] = ()  # result files the task wrote
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +353,11 @@ class JobUpdate:
 
 @dataclass(frozen=True, slots=True)
 class TaskEvents:
+    """Finished tasks, then the jobs that ended with them (``ended``: ``JobUpdate``s without a
+    spec), in that order: one message for a turn's worth of outcomes."""
+
     done: tuple[TaskDone, ...]
+    ended: tuple[JobUpdate, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,8 +422,49 @@ class TasksStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskInput:
+    """Something for a running task, from its client (relayed by the gateway and the worker):
+    ``kind`` is ``cell`` (``data``: code and cell id), ``input_reply`` (``data``: the text) or
+    ``interrupt`` (the worker sends SIGINT; nothing is forwarded)."""
+
+    job_id: str
+    index: int
+    kind: str
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskResults:
+    """Attempts that ended; ``started`` are attempts that started since the last report (a
+    worker reports starts with the next results, so a short task costs one message)."""
+
     results: tuple[TaskResult, ...]
+    started: tuple[TaskAttempt, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PutBlob:
+    """Store bytes in the gateway's blob store under their SHA-256 (a shipped file from a
+    client, a result file from a worker). Answered with ``BlobReply``."""
+
+    digest: str
+    data: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class GetBlob:
+    """Ask for a stored blob. Answered with ``BlobReply``."""
+
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlobReply:
+    request_id: str
+    digest: str
+    ok: bool
+    data: Payload | None = None
+    error: str = ""
 
 
 RECORD_TYPES: tuple[type, ...] = (
@@ -415,6 +478,8 @@ RECORD_TYPES: tuple[type, ...] = (
     Output,
     WorkerInfo,
     JobInfo,
+    JobUpdate,  # also a message; nested in TaskEvents.ended
+    FileRef,
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -442,6 +507,10 @@ MESSAGE_TYPES: tuple[type, ...] = (
     CancelTasks,
     TasksStarted,
     TaskResults,
+    TaskInput,
+    PutBlob,
+    GetBlob,
+    BlobReply,
 )
 
 # Which messages each side may send; the codec of the receiving side refuses the rest.
@@ -455,6 +524,9 @@ FROM_CLIENT: tuple[type, ...] = (
     StatusQuery,
     JobsQuery,
     LogsQuery,
+    TaskInput,
+    PutBlob,
+    GetBlob,
 )
 FROM_WORKER: tuple[type, ...] = (
     WorkerHello,
@@ -463,4 +535,6 @@ FROM_WORKER: tuple[type, ...] = (
     TaskResults,
     TasksStarted,
     Outputs,
+    PutBlob,
+    GetBlob,
 )

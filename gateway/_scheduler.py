@@ -9,7 +9,10 @@ Policies, in one place:
 
 - Workers pull: each worker holds at most its slots' worth of running tasks plus ``prefetch``
   queued ones, and the prefetch is only used for jobs whose tasks are short (mean duration under
-  ``prefetch_max_task_s``), where it hides the round trip.
+  ``prefetch_max_task_s``), where it hides the round trip. For very short tasks it grows, up to
+  ``prefetch_max``, to about ``prefetch_window_s`` of queued work per worker, so that each
+  message to a worker carries many tasks. A job's mean duration is its own, or, before it has
+  one, that of the recent jobs of the same ``family`` (the function).
 - Fair across jobs: assignments go round-robin over jobs with queued tasks.
 - A task needs ``max(1, cpus)`` slots, ``gpus`` GPUs and all of its ``tags`` on the worker.
 - A failed attempt is retried up to ``retries`` times, on another worker where one fits; a
@@ -19,6 +22,8 @@ Policies, in one place:
 - After a gateway restart, tasks that were out on workers are orphans: a returning worker that
   still runs one adopts it; the rest are requeued after ``orphan_grace_s``.
 - The first OK result of a task wins; anything later is ignored (results are recorded once).
+- Locality: a task may carry a data key (what it reads); a worker is offered first the tasks
+  whose data it read last, across jobs, so a rerun finds its files in that worker's cache.
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ __all__ = [
     "TaskStarted",
     "Tick",
     "Unschedulable",
+    "WorkerGone",
     "WorkerHeard",
     "WorkerJoined",
     "WorkerLeft",
 ]
 
 BAD_WORKER_FAILURES = 3
+LOCALITY_SCAN = 256  # queued tasks looked at to find one whose data a worker has cached
+FAMILIES_KEPT = 1024  # job families whose mean task duration is remembered
 _NO_RETRY = (TaskStatus.UNPICKLABLE,)
 
 
@@ -62,9 +70,11 @@ class JobAdded:
     now: float
     timeout_s: float = 0.0
     retries: int = 2
+    data_keys: tuple[str, ...] = ()  # per task: what it reads (locality), "" for nothing
     settled: tuple[int, ...] = ()  # recovery: tasks already finished
     orphans: tuple[TaskAttempt, ...] = ()  # recovery: attempts out on workers at the crash
     orphan_workers: tuple[str, ...] = ()  # recovery: orphans[i] ran on orphan_workers[i]
+    family: str = ""  # jobs of one family (the same function) have alike task durations
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +174,13 @@ class TaskSettled:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerGone:
+    """The scheduler no longer counts on this worker (lost, or left)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class JobSettled:
     job_id: str
     state: Status
@@ -186,7 +203,7 @@ Event = (
     | TaskFinished
     | Tick
 )
-Instruction = AssignTask | CancelAttempt | TaskSettled | JobSettled | Unschedulable
+Instruction = AssignTask | CancelAttempt | TaskSettled | JobSettled | Unschedulable | WorkerGone
 
 
 # -- state ------------------------------------------------------------------------------------
@@ -225,6 +242,8 @@ class _Job:
     duration_sum_s: float = 0.0
     duration_n: int = 0
     bad_workers: dict[str, int] = field(default_factory=dict)
+    family: str = ""
+    data_keys: tuple[str, ...] = ()
 
     @property
     def cost(self) -> int:
@@ -259,16 +278,22 @@ class Scheduler:
         orphan_grace_s: float = 5.0,
         prefetch: int = 4,
         prefetch_max_task_s: float = 0.5,
+        prefetch_max: int = 64,
+        prefetch_window_s: float = 0.01,
     ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.orphan_grace_s = orphan_grace_s
         self.prefetch = prefetch
         self.prefetch_max_task_s = prefetch_max_task_s
+        self.prefetch_max = prefetch_max
+        self.prefetch_window_s = prefetch_window_s
+        self._family_mean: dict[str, float] = {}  # family -> recent mean task duration, s
         self.jobs: dict[str, _Job] = {}
         self.workers: dict[str, _Worker] = {}
         self._active: deque[str] = deque()  # jobs with queued tasks, round-robin order
         self._out: list[Instruction] = []
         self._orphans: list[tuple[str, _Task]] = []
+        self._data_home: dict[str, str] = {}  # data key -> the worker that last read it
 
     # -- the one entry point --------------------------------------------------------------
 
@@ -304,6 +329,14 @@ class Scheduler:
         w = self.workers.get(worker)
         return len(w.out) if w else 0
 
+    def worker_of(self, job_id: str, index: int) -> str | None:
+        """The worker a task is out on, if it is."""
+        job = self.jobs.get(job_id)
+        if job is None or not 0 <= index < len(job.tasks):
+            return None
+        t = job.tasks[index]
+        return t.worker if t.state is _T.OUT else None
+
     def job_counts(self, job_id: str) -> tuple[int, int, int]:
         """(tasks, unsettled, failed) of a job the scheduler still tracks."""
         j = self.jobs[job_id]
@@ -312,7 +345,8 @@ class Scheduler:
     # -- jobs -----------------------------------------------------------------------------
 
     def _job_added(self, ev: JobAdded) -> None:
-        job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, [])
+        job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, [], family=ev.family)
+        job.data_keys = ev.data_keys
         job.tasks = [_Task(i) for i in range(ev.n_tasks)]
         settled = set(ev.settled)
         for t in job.tasks:
@@ -411,6 +445,7 @@ class Scheduler:
         w = self.workers.pop(name, None)
         if w is None:
             return
+        self._out.append(WorkerGone(name))
         for (job_id, _), t in list(w.out.items()):
             if (job := self.jobs.get(job_id)) is not None:
                 self._attempt_failed(job, t, name, status, w)
@@ -444,6 +479,14 @@ class Scheduler:
                 job.queue.remove(t.index)
             job.duration_sum_s += ev.duration_s
             job.duration_n += 1
+            if job.data_keys and job.data_keys[t.index]:
+                self._data_home[job.data_keys[t.index]] = ev.worker
+            if job.family:
+                old = self._family_mean.pop(job.family, None)  # re-inserted: most recent last
+                d = ev.duration_s if old is None else 0.8 * old + 0.2 * ev.duration_s
+                self._family_mean[job.family] = d
+                if len(self._family_mean) > FAMILIES_KEPT:
+                    del self._family_mean[next(iter(self._family_mean))]
             self._final(job, t, TaskStatus.OK, ev.attempt, ev.worker)
         elif current and t.state is _T.OUT:
             self._attempt_failed(job, t, ev.worker, ev.status, self.workers.get(ev.worker))
@@ -512,7 +555,11 @@ class Scheduler:
                     pass
 
     def _assign_one(self, w: _Worker, allow_prefetch: bool) -> bool:
-        room = w.slots + (self.prefetch if allow_prefetch else 0) - w.used_slots
+        extra = 0
+        if allow_prefetch:  # the next job in turn says how deep the prefetch may go
+            head = self.jobs.get(self._active[0]) if self._active else None
+            extra = max(self.prefetch, self._prefetch_for(head) if head else 0)
+        room = w.slots + extra - w.used_slots
         if room < 1:
             return False  # full: no need to look at any job (keeps a burst of jobs O(n))
         for _ in range(len(self._active)):
@@ -541,12 +588,25 @@ class Scheduler:
             return False
         if w.used_slots + job.cost <= w.slots:
             return True
-        if not allow_prefetch or res.gpus:
+        if not allow_prefetch:
             return False
-        short = job.duration_n == 0 or (
-            job.duration_sum_s / job.duration_n < self.prefetch_max_task_s
-        )
-        return short and w.used_slots + job.cost <= w.slots + self.prefetch
+        return w.used_slots + job.cost <= w.slots + self._prefetch_for(job)
+
+    def _prefetch_for(self, job: _Job) -> int:
+        """How many slots' worth of ``job``'s tasks a worker may hold beyond its slots."""
+        if job.resources.gpus or not self.prefetch:
+            return 0
+        if job.duration_n:
+            mean = job.duration_sum_s / job.duration_n
+        else:
+            family_mean = self._family_mean.get(job.family) if job.family else None
+            if family_mean is None:
+                return self.prefetch  # unknown durations: the small default
+            mean = family_mean
+        if mean >= self.prefetch_max_task_s:
+            return 0
+        deep = int(self.prefetch_window_s / max(mean, 1e-6))
+        return max(self.prefetch, min(self.prefetch_max, deep))
 
     def _kept_off(self, w: _Worker, job: _Job) -> bool:
         if job.bad_workers.get(w.name, 0) < BAD_WORKER_FAILURES:
@@ -559,15 +619,31 @@ class Scheduler:
         )
 
     def _pop_task_for(self, job: _Job, w: _Worker) -> int | None:
-        """The first queued task that should run on ``w``: retries avoid the workers they
-        failed on while another fitting worker exists."""
+        """The queued task that should run on ``w``. Retries avoid the workers they failed on
+        while another fitting worker exists. With data keys, ``w`` first takes a task whose
+        data it read last (its cache has it), then one nobody has read, and only then one
+        another live worker has cached (work beats locality when the queue has nothing else).
+        """
+        home = self._data_home
+        best: tuple[int, int] | None = None  # (rank, position): lower is better
         for pos, index in enumerate(job.queue):
             t = job.tasks[index]
             if w.name in t.failed_on and self._other_worker_for(job, t.failed_on):
                 continue
-            del job.queue[pos]
-            return index
-        return None
+            if not job.data_keys:
+                best = (0, pos)
+                break
+            where = home.get(job.data_keys[index])
+            rank = 0 if where == w.name else 1 if where not in self.workers else 2
+            if best is None or rank < best[0]:
+                best = (rank, pos)
+            if rank == 0 or pos >= LOCALITY_SCAN:
+                break
+        if best is None:
+            return None
+        index = job.queue[best[1]]
+        del job.queue[best[1]]
+        return index
 
     def _other_worker_for(self, job: _Job, avoid: Iterable[str]) -> bool:
         avoid = set(avoid)

@@ -4,9 +4,11 @@
 unfinished jobs and starts its loops in a TaskGroup it owns; leaving stops them and closes
 everything. ``ready`` is set once the connection file is written.
 
-A loop turn drains every message waiting on a socket, feeds the scheduler, commits the state
-(group commit), and only then sends what the turn produced: a result reaches a client only
-after it is on disk, and many results of one turn travel in one message.
+A loop turn drains every message waiting on a socket, feeds the scheduler, sends the turn's
+assignments to workers, commits the state (group commit), and only then sends to clients: a
+result reaches a client only after it is on disk, and many results of one turn travel in one
+message. (An assignment leaves before its commit, so the commit overlaps the task's first hop;
+a crash in between can only make that task run again, and its result is still recorded once.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import zmq
 
 from gateway import _scheduler as sch
 from gateway._blobs import BlobStore
-from gateway._drain import Drain
+from gateway._drain import Drain, send_frames
 from gateway._errors import MessageTooLarge, PilotError, ProtocolError, VersionMismatch
 from gateway._messages import (
     FROM_CLIENT,
@@ -33,10 +35,12 @@ from gateway._messages import (
     Assign,
     Assignment,
     AttachJob,
+    BlobReply,
     CancelJob,
     CancelTasks,
     ClientHello,
     ErrorReply,
+    GetBlob,
     Goodbye,
     Heartbeat,
     JobInfo,
@@ -49,6 +53,7 @@ from gateway._messages import (
     Output,
     Outputs,
     Payload,
+    PutBlob,
     Refused,
     Status,
     StatusQuery,
@@ -58,6 +63,7 @@ from gateway._messages import (
     TaskAttempt,
     TaskDone,
     TaskEvents,
+    TaskInput,
     TaskResult,
     TaskResults,
     TasksStarted,
@@ -95,6 +101,7 @@ class _Job:
     state: Status = Status.QUEUED
     error: str = ""
     kept_bytes: dict[int, int] = field(default_factory=dict)  # outputs kept per task
+    owner: bytes | None = None  # the submitting client
 
 
 @dataclass(slots=True, eq=False)
@@ -133,11 +140,16 @@ class Gateway:
         self._fns: dict[str, Payload] = {}
         self._unschedulable: dict[str, str] = {}
         self._started_at: dict[tuple[str, int, int], float] = {}  # until the attempt ends
+        self._client_seen: dict[bytes, float] = {}  # for leases: jobs that die with their client
         self._status_waiters: list[tuple[bytes, str, StatusQuery, float]] = []
         # what this turn will send, batched per peer
         self._to_clients: dict[bytes, list[Any]] = defaultdict(list)
         self._client_done: dict[bytes, list[TaskDone]] = defaultdict(list)
         self._client_outputs: dict[bytes, list[Output]] = defaultdict(list)
+        # Submit acknowledgements wait for the next message to that client (or the next tick):
+        # an ack alone would wake the client while its job's first hop is under way. A job's
+        # end acknowledges it too: a short job needs no ack of its own.
+        self._acks: dict[bytes, list[str]] = defaultdict(list)
         self._to_workers: dict[str, list[Any]] = defaultdict(list)
         self._assign: dict[str, list[Assignment]] = defaultdict(list)
         self._cancel: dict[str, list[TaskAttempt]] = defaultdict(list)
@@ -264,6 +276,8 @@ class Gateway:
                     settled=u.settled,
                     orphans=tuple(TaskAttempt(u.spec.job_id, i, a) for i, a, _ in u.out),
                     orphan_workers=tuple(w for _, _, w in u.out),
+                    family=u.spec.fn_key,
+                    data_keys=tuple(u.spec.meta.get("data_keys") or ()),
                 )
             )
             log.info(
@@ -279,6 +293,7 @@ class Gateway:
     # -- the loops --------------------------------------------------------------------------
 
     def _from_client(self, frames: list[zmq.Frame]) -> None:
+        self._client_seen[frames[0].bytes] = time.monotonic()
         self._receive(frames, self._on_client)
 
     def _from_worker(self, frames: list[zmq.Frame]) -> None:
@@ -317,23 +332,36 @@ class Gateway:
                 await asyncio.wait_for(self._stopping.wait(), TICK_S)
             now = time.monotonic()
             self._apply(self.scheduler.handle(sch.Tick(now)))
+            self._expire_leases(now)
             self._answer_status_waiters(deadline_passed=True)
-            self._end_turn()
+            self._end_turn(acks=True)
+
+    def _expire_leases(self, now: float) -> None:
+        """A job submitted with ``meta["lease"]`` (a remote session) ends when its client has
+        been silent past the heartbeat deadline: a kernel killed without a goodbye."""
+        deadline = self.settings.timeouts.heartbeat_timeout_s
+        for job_id, job in list(self._jobs.items()):
+            if not job.spec.meta.get("lease") or job.owner is None:
+                continue
+            if now - self._client_seen.get(job.owner, now) > deadline:
+                log.info("lease of job %s expired: its client went silent", job_id)
+                self._apply(self.scheduler.handle(sch.JobCancel(job_id, now)))
 
     # -- end of turn: commit, then send -----------------------------------------------------
 
-    def _end_turn(self) -> None:
-        self.store.flush()
+    def _end_turn(self, acks: bool = False) -> None:
         for ident, done in self._client_done.items():
             self._to_clients[ident].insert(0, TaskEvents(tuple(done)))
         for ident, outs in self._client_outputs.items():
             self._to_clients[ident].insert(0, Outputs(tuple(outs)))
+        for ident in [i for i in self._acks if acks or i in self._to_clients]:
+            msgs = self._to_clients[ident]
+            ended = {m.job_id for m in msgs if isinstance(m, JobUpdate) and m.spec is None}
+            ids = tuple(j for j in self._acks.pop(ident) if j not in ended)
+            if ids:
+                msgs.insert(0, Submitted(ids))
         self._client_done.clear()
         self._client_outputs.clear()
-        for ident, msgs in self._to_clients.items():
-            for msg in msgs:
-                self._send_raw(self._clients_sock, self._client_codec, ident, msg)
-        self._to_clients.clear()
         for name, tasks in self._assign.items():
             self._to_workers[name].append(Assign(tuple(tasks)))
         for name, attempts in self._cancel.items():
@@ -347,6 +375,11 @@ class Gateway:
             for msg in msgs:
                 self._send_raw(self._workers_sock, self._worker_codec, w.ident, msg)
         self._to_workers.clear()
+        self.store.flush()  # before anything reaches a client
+        for ident, msgs in self._to_clients.items():
+            for msg in _coalesce(msgs):
+                self._send_raw(self._clients_sock, self._client_codec, ident, msg)
+        self._to_clients.clear()
         for drain in self._drains:  # sending may have swallowed a read edge
             drain.kick()
 
@@ -357,7 +390,7 @@ class Gateway:
             log.error("could not send %s: %s", type(msg).__name__, exc)
             return
         try:
-            sock.send_multipart([ident, *frames], copy=False)
+            send_frames(sock, [ident, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone (ROUTER_MANDATORY)
             self.counters["unroutable"] += 1
             log.debug("peer %r unreachable for %s: %s", ident, type(msg).__name__, exc)
@@ -375,6 +408,9 @@ class Gateway:
                     self._task_settled(ins, result)
                 case sch.JobSettled(job_id=job_id, state=state):
                     self._job_settled(job_id, state)
+                case sch.WorkerGone(name=name):
+                    if self._workers.pop(name, None) is not None:
+                        log.warning("worker %s is gone; its tasks went back to the queue", name)
                 case sch.Unschedulable(job_id=job_id, resources=res):
                     self._unschedulable[job_id] = self._why_unschedulable(res)
                     self._apply(self.scheduler.handle(sch.JobCancel(job_id, time.monotonic())))
@@ -436,6 +472,7 @@ class Gateway:
             ins.attempts,
             result.duration_s if result is not None else 0.0,
             result.item if result is not None and value is None else -1,
+            result.files if result is not None and value is not None else (),
         )
         if ins.status == TaskStatus.OK:
             job.done += 1
@@ -495,18 +532,51 @@ class Gateway:
                 self._to_clients[ident].append(JobsReply(tuple(self.store.jobs(limit)), msg_id))
             case LogsQuery(job_id=job_id, index=index):
                 self.store.flush()
+                if self.store.job_spec(job_id) is None:
+                    self._to_clients[ident].append(
+                        ErrorReply(msg_id, f"No job {job_id} in this gateway.", "JobNotFound")
+                    )
+                    return
                 outs = tuple(self.store.outputs(job_id, index))
                 self._to_clients[ident].append(LogsReply(outs, msg_id))
+            case PutBlob() | GetBlob():
+                self._to_clients[ident].append(self._blob(msg_id, msg))
+            case TaskInput(job_id=job_id, index=index):
+                worker = self.scheduler.worker_of(job_id, index)
+                if worker is None:
+                    self._to_clients[ident].append(
+                        ErrorReply(msg_id, f"Task {job_id}[{index}] is not running.", "NotRunning")
+                    )
+                else:
+                    self._to_workers[worker].append(msg)
             case Goodbye():
-                for job in self._jobs.values():
+                for job_id, job in list(self._jobs.items()):
                     job.subscribers.discard(ident)
+                    if job.spec.meta.get("lease") and job.owner == ident:
+                        self._apply(self.scheduler.handle(sch.JobCancel(job_id, time.monotonic())))
+                self._client_seen.pop(ident, None)
+
+    def _blob(self, msg_id: str, msg: PutBlob | GetBlob) -> BlobReply:
+        """Store or fetch a blob (shipped files, result files) for a client or a worker."""
+        blobs = self.store.blobs
+        if isinstance(msg, PutBlob):
+            digest = blobs.put(msg.data)
+            if digest != msg.digest:
+                blobs.path(digest).unlink(missing_ok=True)
+                return BlobReply(msg_id, msg.digest, False, error="content does not match digest")
+            return BlobReply(msg_id, digest, True)
+        try:
+            return BlobReply(msg_id, msg.digest, True, blobs.get(msg.digest))
+        except FileNotFoundError:
+            return BlobReply(msg_id, msg.digest, False, error=f"no blob {msg.digest} here")
 
     def _submit(self, ident: bytes, jobs: tuple[JobSpec, ...], tasks: Any) -> None:
         now = time.monotonic()
         accepted = []
+        stored = self.store.known_jobs([s.job_id for s in jobs if s.job_id not in self._jobs])
         for spec, args in zip(jobs, tasks, strict=True):
             accepted.append(spec.job_id)
-            if spec.job_id in self._jobs or self.store.job_spec(spec.job_id) is not None:
+            if spec.job_id in self._jobs or spec.job_id in stored:
                 continue  # a re-sent submit after a reconnect: already have it
             if spec.fn is not None and spec.fn_key not in self._fns:
                 self._fns[spec.fn_key] = spec.fn
@@ -519,7 +589,7 @@ class Gateway:
                 continue
             self.store.add_job(spec, args, time.time())
             self._jobs[spec.job_id] = _Job(
-                spec, dict(enumerate(args)), {ident}, time.time(), kept_bytes={}
+                spec, dict(enumerate(args)), {ident}, time.time(), owner=ident
             )
             self._apply(
                 self.scheduler.handle(
@@ -530,10 +600,12 @@ class Gateway:
                         now,
                         spec.timeout_s,
                         self._retries(spec),
+                        family=spec.fn_key,
+                        data_keys=tuple(spec.meta.get("data_keys") or ()),
                     )
                 )
             )
-        self._to_clients[ident].append(Submitted(tuple(accepted)))
+        self._acks[ident].extend(accepted)
         self.counters["jobs_submitted"] += len(jobs)
 
     def _attach(self, ident: bytes, msg_id: str, msg: AttachJob) -> None:
@@ -611,23 +683,17 @@ class Gateway:
             self._send_raw(
                 self._workers_sock, self._worker_codec, ident, Refused("say hello", retry=True)
             )
-            if not isinstance(msg, TaskResults | Outputs):
+            if not isinstance(msg, TaskResults | Outputs | PutBlob):
                 return
         else:
-            self.scheduler.handle(sch.WorkerHeard(name, now))
+            self._apply(self.scheduler.handle(sch.WorkerHeard(name, now)))
         match msg:
             case Heartbeat():
                 self._to_workers[name].append(Heartbeat())
             case TasksStarted(attempts=attempts):
-                wall = time.time()
-                for a in attempts:
-                    self._started_at[(a.job_id, a.index, a.attempt)] = wall
-                    self.scheduler.handle(sch.TaskStarted(name, a.job_id, a.index, a.attempt, now))
-                    job = self._jobs.get(a.job_id)
-                    if job is not None and job.state is Status.QUEUED:
-                        job.state = Status.RUNNING
-                        self.store.job_running(a.job_id)
-            case TaskResults(results=results):
+                self._tasks_started(name, attempts, now)
+            case TaskResults(results=results, started=attempts):
+                self._tasks_started(name, attempts, now)  # starts first: they came first
                 for r in results:
                     started = self._started_at.pop((r.job_id, r.index, r.attempt), 0.0)
                     self.store.attempt_ended(
@@ -647,6 +713,8 @@ class Gateway:
                     self._apply(ins, r)
             case Outputs(outputs=outputs):
                 self._outputs(outputs)
+            case PutBlob() | GetBlob():
+                self._to_workers[name].append(self._blob(msg_id, msg))
             case Goodbye(handed_back=handed_back, final=final):
                 self._apply(self.scheduler.handle(sch.WorkerDraining(name, now, handed_back)))
                 if final:
@@ -655,6 +723,17 @@ class Gateway:
                     log.info("worker %s left", name)
                 else:
                     log.info("worker %s is draining", name)
+
+    def _tasks_started(self, name: str, attempts: tuple[TaskAttempt, ...], now: float) -> None:
+        wall = time.time()
+        for a in attempts:
+            self._started_at[(a.job_id, a.index, a.attempt)] = wall
+            started = sch.TaskStarted(name, a.job_id, a.index, a.attempt, now)
+            self._apply(self.scheduler.handle(started))
+            job = self._jobs.get(a.job_id)
+            if job is not None and job.state is Status.QUEUED:
+                job.state = Status.RUNNING
+                self.store.job_running(a.job_id)
 
     def _worker_hello(self, ident: bytes, hello: WorkerHello, now: float) -> None:
         name = ident.decode(errors="replace")
@@ -706,6 +785,27 @@ class Gateway:
                     Output(out.job_id, out.index, out.item, "stderr", b"[output truncated]\n")
                 )
             job.kept_bytes[out.index] = kept + size
+
+
+def _coalesce(msgs: list[Any]) -> list[Any]:
+    """Fold job ends (``JobUpdate`` without a spec) into the ``TaskEvents`` just before them,
+    or into one ``TaskEvents`` per run of them: the order of everything is kept, and a burst of
+    small jobs costs one message per turn, not one per job."""
+    out: list[Any] = []
+    ended: list[JobUpdate] = []  # job ends to add to out[-1], a TaskEvents
+    for msg in msgs:
+        if isinstance(msg, JobUpdate) and msg.spec is None:
+            if not ended and not (out and isinstance(out[-1], TaskEvents)):
+                out.append(TaskEvents(()))
+            ended.append(msg)
+            continue
+        if ended:
+            out[-1] = TaskEvents(out[-1].done, (*out[-1].ended, *ended))
+            ended = []
+        out.append(msg)
+    if ended:
+        out[-1] = TaskEvents(out[-1].done, (*out[-1].ended, *ended))
+    return out
 
 
 def _default_error(status: TaskStatus, worker: str) -> str:

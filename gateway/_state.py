@@ -11,6 +11,7 @@ the blob store, referenced by digest.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -24,6 +25,9 @@ from gateway._blobs import BlobStore, pack_payload, unpack_payload
 from gateway._messages import JobInfo, JobSpec, Output, Payload, Resources, Status, TaskDone
 
 __all__ = ["StateStore", "UnfinishedJob"]
+
+KNOWN_JOBS_CHUNK = 900  # ids per query (SQLite allows 999 parameters by default)
+_JOB_RUNNING = "UPDATE jobs SET state=? WHERE id=? AND state=?"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (key TEXT PRIMARY KEY, payload BLOB, ref TEXT);
@@ -43,8 +47,24 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE TABLE IF NOT EXISTS outputs (
     job_id TEXT, idx INTEGER, seq INTEGER PRIMARY KEY AUTOINCREMENT, record BLOB);
 CREATE INDEX IF NOT EXISTS outputs_by_task ON outputs (job_id, idx);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+DROP INDEX IF EXISTS jobs_by_state;
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created) WHERE state < 2;
 """
+
+
+def _known_key(p: Payload) -> str | None:
+    """A blob key for ``p`` made from the SHA-256 of its frames that the codec computed when it
+    verified them (``Payload.digests``), so a 100 MB argument is not hashed a second time. The
+    key hashes a tag and every part's digest: content-addressed, and apart from plain content
+    digests. None when the digests are not known."""
+    known = p.digests
+    if not known:
+        return None
+    if len(known) == len(p.buffers):  # the data travelled inline: hash it (it is small)
+        known = (hashlib.sha256(p.data).digest(), *known)
+    elif len(known) != len(p.buffers) + 1:
+        return None
+    return hashlib.sha256(b"pilot-payload-v1\0" + b"".join(known)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +81,16 @@ class StateStore:
         self.blobs = blobs
         self.inline_bytes = inline_bytes
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Small pages: a commit writes every page it touched to the log, and a turn touches
+        # a few rows in a few tables (only a new database takes this; it is then fixed).
+        self._db.execute("PRAGMA page_size=1024")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        # jobs that started running since the last flush; a job that also ended meanwhile
+        # needs one write, not two (short jobs start and end within one turn)
+        self._running: dict[str, None] = {}
 
     def close(self) -> None:
         self.flush()
@@ -77,9 +103,13 @@ class StateStore:
 
     def flush(self) -> int:
         """Commit everything buffered in one transaction; return the number of rows."""
-        if not self._pending:
+        if not self._pending and not self._running:
             return 0
         pending, self._pending = self._pending, {}
+        if self._running:
+            rows = [(int(Status.RUNNING), job_id, int(Status.QUEUED)) for job_id in self._running]
+            pending[_JOB_RUNNING] = rows
+            self._running = {}
         n = 0
         with self._db:
             self._db.execute("BEGIN")
@@ -91,7 +121,7 @@ class StateStore:
     def _payload_columns(self, p: Payload) -> tuple[bytes | None, str | None]:
         if p.nbytes <= self.inline_bytes:
             return pack_payload(p), None
-        return None, self.blobs.put(p)
+        return None, self.blobs.put(p, key=_known_key(p))
 
     def _payload_from(self, raw: bytes | None, ref: str | None) -> Payload:
         return unpack_payload(raw) if raw is not None else self.blobs.get(ref or "")
@@ -165,13 +195,14 @@ class StateStore:
         )
 
     def job_settled(self, job_id: str, state: Status, error: str, done: int, failed: int) -> None:
+        self._running.pop(job_id, None)
         self._later(
             "UPDATE jobs SET state=?, error=?, finished=?, done=?, failed=? WHERE id=?",
             (int(state), error, time.time(), done, failed, job_id),
         )
 
     def job_running(self, job_id: str) -> None:
-        self._later("UPDATE jobs SET state=? WHERE id=? AND state=?", (1, job_id, 0))
+        self._running[job_id] = None
 
     def add_output(self, out: Output) -> None:
         record = msgpack.packb([out.item, out.kind, out.data, out.extra])
@@ -185,6 +216,16 @@ class StateStore:
     def function(self, key: str) -> Payload | None:
         row = self._db.execute("SELECT payload, ref FROM functions WHERE key=?", (key,)).fetchone()
         return self._payload_from(*row) if row else None
+
+    def known_jobs(self, job_ids: list[str]) -> set[str]:
+        """Which of ``job_ids`` are stored (committed): one query per thousand ids."""
+        found: set[str] = set()
+        for i in range(0, len(job_ids), KNOWN_JOBS_CHUNK):
+            chunk = job_ids[i : i + KNOWN_JOBS_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT id FROM jobs WHERE id IN ({marks})"
+            found.update(row[0] for row in self._db.execute(sql, chunk))
+        return found
 
     def task_args(self, job_id: str, index: int) -> Payload:
         row = self._db.execute(
@@ -222,8 +263,9 @@ class StateStore:
     def unfinished_jobs(self) -> list[UnfinishedJob]:
         out = []
         for row in self._db.execute(
-            f"SELECT {self._SPEC_COLUMNS} FROM jobs WHERE state < ? ORDER BY created",
-            (int(Status.DONE),),
+            # a literal bound, so that the partial index of unfinished jobs applies
+            f"SELECT {self._SPEC_COLUMNS} FROM jobs WHERE state < {int(Status.DONE)} "
+            "ORDER BY created",
         ).fetchall():
             spec = self._spec(row)
             settled = tuple(

@@ -14,27 +14,25 @@ import asyncio
 import itertools
 import math
 import os
-import queue
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway._client import AsyncClient, JobState
-from gateway._errors import JobCancelled, JobError, PilotTimeout, SerializationError, TaskError
+from gateway._errors import PilotTimeout, SerializationError
+from gateway._job import Job
+from gateway._jobdata import JobData, ShippedFile, files_to_ship
 from gateway._messages import (
+    FileRef,
     JobInfo,
     JobSpec,
-    JobUpdate,
     Output,
     Payload,
     Resources,
-    Status,
     StatusReply,
-    TaskDone,
-    TaskStatus,
 )
-from gateway._serialize import digest_of, dumps, dumps_function, loads
+from gateway._serialize import digest_of, dumps, dumps_function
 from gateway._settings import ConnectionInfo, Timeouts
 
 __all__ = ["Client", "Job"]
@@ -68,201 +66,6 @@ class _IOThread:
             self.loop.close()
 
 
-class Job:
-    """A submitted job, seen from the user's thread. Never blocks unless asked to.
-
-    ``results`` are in item order; a failed task raises ``TaskError`` (with the remote
-    traceback and the item) when results are asked for; ``outcomes()`` gives what did succeed.
-    """
-
-    def __init__(
-        self,
-        client: Client,
-        job_id: str,
-        *,
-        items: Sequence[Any] | None = None,
-        chunk: int = 1,
-        n_tasks: int = 1,
-        kind: str = "call",
-    ) -> None:
-        self.client = client
-        self.id = job_id
-        self.kind = kind
-        self.items = items
-        self.chunk = chunk
-        self.n_tasks = n_tasks
-        self._done: dict[int, TaskDone] = {}
-        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._finished = threading.Event()
-        self.state = Status.QUEUED
-        self.error = ""
-        self._values: dict[int, Any] = {}
-        self.started_at = time.monotonic()
-        self.finished_at: float | None = None
-
-    def __repr__(self) -> str:
-        done, total = self.progress
-        return f"<Job {self.id} {self.state.name.lower()} {done}/{total}>"
-
-    # called on the IO thread
-    def _on_event(self, ev: Any) -> None:
-        if isinstance(ev, TaskDone):
-            self._done[ev.index] = ev
-        elif isinstance(ev, JobUpdate):
-            if ev.spec is not None:  # the head of an attach replay; its end follows
-                self._adopt_spec(ev.spec)
-                return
-            self.state, self.error = Status(ev.state), ev.error
-            if self.state.finished:
-                self.finished_at = time.monotonic()
-                self._events.put(ev)
-                self._finished.set()
-                return
-        self._events.put(ev)
-
-    def _adopt_spec(self, spec: JobSpec) -> None:
-        self.n_tasks = spec.n_tasks
-        self.kind = spec.meta.get("mode", "call")
-        self.chunk = spec.meta.get("chunk", 1)
-
-    # -- the user's side ------------------------------------------------------------------
-
-    @property
-    def progress(self) -> tuple[int, int]:
-        """(tasks finished, tasks) — finished includes failed ones."""
-        return len(self._done), self.n_tasks
-
-    def done(self) -> bool:
-        return self._finished.is_set()
-
-    def wait(self, timeout: float | None = None) -> Job:
-        """Block until the job ends. Raises ``PilotTimeout`` past ``timeout``, then
-        ``TaskError``/``JobCancelled``/``JobError`` if it did not succeed."""
-        if not self._finished.wait(timeout):
-            done, total = self.progress
-            raise PilotTimeout(f"Job {self.id} not finished after {timeout}s ({done}/{total}).")
-        self._raise_for_state()
-        return self
-
-    def _raise_for_state(self) -> None:
-        if self.state == Status.DONE:
-            return
-        if self.state == Status.CANCELLED:
-            raise JobCancelled(f"Job {self.id} was cancelled.")
-        failed = self.failures()
-        if failed:
-            raise failed[0]
-        raise JobError(self.error or f"Job {self.id} failed.")
-
-    def failures(self) -> list[TaskError]:
-        """A ``TaskError`` per failed task, in item order."""
-        errors = []
-        for index in sorted(self._done):
-            d = self._done[index]
-            if d.status not in (TaskStatus.OK, TaskStatus.CANCELLED):
-                errors.append(self._task_error(d))
-        return errors
-
-    def _task_error(self, d: TaskDone) -> TaskError:
-        item, label = self._item_of(d)
-        headline = d.error.strip().splitlines()[-1] if d.error.strip() else "failed"
-        return TaskError(
-            f"Task {label} of job {self.id} failed on {d.worker or 'a worker'} after "
-            f"{d.attempts} attempt(s): {headline}",
-            job_id=self.id,
-            index=d.index,
-            item=item,
-            remote_traceback=d.error,
-            worker=d.worker,
-        )
-
-    def _item_of(self, d: TaskDone) -> tuple[Any, str]:
-        if self.kind == "map" and self.items is not None:
-            if 0 <= d.item < len(self.items):
-                return self.items[d.item], f"for item {self.items[d.item]!r}"
-            chunk = self.items[d.index * self.chunk : (d.index + 1) * self.chunk]
-            return list(chunk), f"{d.index} (items {d.index * self.chunk}..)"
-        return None, str(d.index)
-
-    def value(self, index: int) -> Any:
-        """The unpickled value of task ``index`` (cached)."""
-        if index not in self._values:
-            d = self._done[index]
-            if d.status != TaskStatus.OK:
-                raise self._task_error(d)
-            self._values[index] = loads(d.value) if d.value is not None else None
-        return self._values[index]
-
-    @property
-    def results(self) -> list[Any]:
-        """Every item's result in item order (waits for the job)."""
-        self.wait()
-        return self._flat(range(self.n_tasks))
-
-    def result(self, timeout: float | None = None) -> Any:
-        """The single result of a ``submit`` job (waits)."""
-        self.wait(timeout)
-        return self.value(0)
-
-    def _flat(self, indices: Iterable[int]) -> list[Any]:
-        if self.kind != "map":
-            return [self.value(i) for i in indices]
-        out: list[Any] = []
-        for i in indices:
-            out.extend(self.value(i))
-        return out
-
-    def outcomes(self) -> dict[int, Any]:
-        """Task index -> value for the tasks that succeeded so far (map: item index)."""
-        out = {}
-        for i in sorted(self._done):
-            if self._done[i].status == TaskStatus.OK:
-                if self.kind == "map":
-                    for k, v in enumerate(self.value(i)):
-                        out[i * self.chunk + k] = v
-                else:
-                    out[i] = self.value(i)
-        return out
-
-    def cancel(self) -> None:
-        """Drop queued tasks, interrupt running ones. Returns at once."""
-        self.client._io.run(self.client._async.cancel(self.id), self.client.timeouts.request_s)
-
-    def events(self, timeout: float | None = None) -> Iterator[Any]:
-        """Yield ``Output``, ``TaskDone`` and finally the ``JobUpdate`` that ends the job.
-        With ``timeout``, stop yielding after that long without an event."""
-        while True:
-            try:
-                ev = self._events.get(timeout=timeout)
-            except queue.Empty:
-                return
-            yield ev
-            if isinstance(ev, JobUpdate) and Status(ev.state).finished:
-                return
-
-    def next_event(self, timeout: float | None = None) -> Any | None:
-        """The next event (as ``events`` yields them), or None after ``timeout`` without one."""
-        try:
-            return self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def stream(self) -> Iterator[Output]:
-        """Only the outputs, live, until the job ends."""
-        for ev in self.events():
-            if isinstance(ev, Output):
-                yield ev
-
-    @classmethod
-    def attach(cls, job_id: str, client: Client | None = None) -> Job:
-        """Follow a job submitted elsewhere (another process, before a kernel restart)."""
-        if client is None:
-            from gateway._settings import find_connection
-
-            client = Client(find_connection())
-        return client.attach(job_id)
-
-
 class Client:
     """A connection to a gateway for synchronous code. Thread-safe; close it when done."""
 
@@ -289,6 +92,7 @@ class Client:
         self._fns: dict[int, tuple[Callable[..., Any], str, Payload]] = {}
         self._pending: list[tuple[JobSpec, tuple[Payload, ...], Job]] = []
         self._pending_lock = threading.Lock()
+        self._shipped: set[str] = set()  # blob digests already uploaded through this client
         self._closed = False
 
     def __enter__(self) -> Client:
@@ -383,13 +187,30 @@ class Client:
         retries: int | None = None,
         name: str = "",
         meta: dict[str, Any] | None = None,
+        data: Mapping[str, str] | None = None,
+        data_mode: str = "local",
+        storage_options: Mapping[str, Any] | None = None,
+        ship: Sequence[str | Path] = (),
+        results: str = "",
+        shard_data: bool = True,
     ) -> Job:
-        """``fn(item)`` for every item, ``chunk`` items per task. Returns at once."""
+        """``fn(item)`` for every item, ``chunk`` items per task. Returns at once.
+
+        ``data`` maps names to fsspec URLs (a glob or a prefix lists files): they are listed
+        now (``DataError`` if that fails) and each item gets its shard of the files as the
+        keyword argument of that name (local cached paths, or ``OpenFile``s with
+        ``data_mode="open"``). ``ship`` uploads local files once; tasks find them under the
+        same relative path in their working directory. Files a task writes under
+        ``pilot.output_dir()`` come back to the gateway, or to ``results`` (a URL).
+        """
         items = list(items)
         if chunk is None:
             chunk = max(1, math.ceil(len(items) / AUTO_CHUNK_TASKS))
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1 (got {chunk}).")
+        extra = self._job_data(
+            data, len(items), chunk, shard_data, data_mode, storage_options, ship, results
+        )
         args = []
         for start in range(0, len(items), chunk):
             part = items[start : start + chunk]
@@ -402,10 +223,58 @@ class Client:
             resources=Resources(cpus, gpus, tuple(tags)),
             timeout=timeout,
             retries=retries,
-            meta=meta,
+            meta={**(meta or {}), **extra},
             items=items,
             chunk=chunk,
         )
+
+    def _job_data(
+        self,
+        data: Mapping[str, str] | None,
+        n_items: int,
+        chunk: int,
+        shard: bool,
+        mode: str,
+        storage_options: Mapping[str, Any] | None,
+        ship: Sequence[str | Path],
+        results: str,
+    ) -> dict[str, Any]:
+        shipped = self.ship(ship) if ship else []
+        job_data = JobData.build(
+            data,
+            n_items=n_items,
+            shard=shard,
+            mode=mode,
+            storage_options=storage_options,
+            ship=shipped,
+            results=results,
+        )
+        return job_data.meta(n_items, chunk)
+
+    def ship(self, paths: Sequence[str | Path]) -> list[ShippedFile]:
+        """Upload files (or directories) to the gateway's blob store, each once per content;
+        returns what a job's ``ship`` refers to."""
+        out = []
+        for f, path in files_to_ship(paths):
+            if f.digest not in self._shipped:
+                data = Payload(path.read_bytes())
+                self._io.run(self._async.put_blob(f.digest, data), None)
+                self._shipped.add(f.digest)
+            out.append(f)
+        return out
+
+    def fetch_file(self, ref: FileRef, dest_dir: str | Path) -> Path:
+        """A result file as a local path under ``dest_dir`` (downloaded once)."""
+        dest = Path(dest_dir) / ref.name
+        if dest.exists() and dest.stat().st_size == ref.size:
+            return dest
+        payload = self._io.run(self._async.get_blob(ref.digest), None)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "wb") as fh:
+            fh.write(payload.data)
+            for buf in payload.buffers:
+                fh.write(buf)
+        return dest
 
     # -- the rest ---------------------------------------------------------------------------
 

@@ -26,8 +26,9 @@ import itertools
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import fields
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -50,16 +51,24 @@ _EXT_PAYLOAD = 1
 _EXT_RECORD = 2
 
 _TYPE_BY_NAME = {cls.__name__: cls for cls in MESSAGE_TYPES}
+_NAME_OF = {cls: cls.__name__ for cls in MESSAGE_TYPES}
 _RECORD_CODE = {cls: i for i, cls in enumerate(RECORD_TYPES)}
 _NFIELDS = {cls: len(fields(cls)) for cls in (*MESSAGE_TYPES, *RECORD_TYPES)}
+# A record's or message's field values in declaration order (a tuple), one C call.
+_GETTERS = {
+    cls: attrgetter(*(f.name for f in fields(cls))) if len(fields(cls)) > 1 else None
+    for cls in (*MESSAGE_TYPES, *RECORD_TYPES)
+}
 
 
-def _field_values(obj: Any) -> list[Any]:
+def _field_values(obj: Any) -> Any:
+    getter = _GETTERS[type(obj)]
+    if getter is not None:
+        return getter(obj)
     return [getattr(obj, name) for name in obj.__slots__]
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """A decoded message with what the header said about it."""
 
     msg: Any
@@ -86,6 +95,7 @@ class Codec:
         if isinstance(key, str):
             key = bytes.fromhex(key)
         self._key = key
+        self._mac = hmac.new(key, digestmod=hashlib.sha256) if key is not None else None
         self.max_message_bytes = max_message_bytes
         self.replay_window_s = replay_window_s
         self._accept = frozenset(accept) if accept is not None else None
@@ -98,13 +108,18 @@ class Codec:
         self._frames: list[Any] = []
         self._digests: list[bytes] = []
         self.last_msg_id = ""
+        # what the payloads of the body being decoded refer to (see _ext_hook)
+        self._buffers: list[memoryview] = []
+        self._known: tuple[bytes, ...] = ()
+        self._ext = self._ext_hook
 
     # -- encode ---------------------------------------------------------------------------
 
     def encode(self, msg: Any) -> list[Any]:
         """Frames for ``msg`` (without routing ids). Raises ``MessageTooLarge``."""
         cls = type(msg)
-        if cls.__name__ not in _TYPE_BY_NAME:
+        name = _NAME_OF.get(cls)
+        if name is None:
             raise ProtocolError(f"{cls.__name__} is not a protocol message")
         self._frames, self._digests = frames, digests = [], []
         try:
@@ -116,7 +131,7 @@ class Codec:
         header = self._packers[0].pack(
             {
                 "msg_id": self.last_msg_id,
-                "msg_type": cls.__name__,
+                "msg_type": name,
                 "session": self.session,
                 "date": time.time(),
                 "version": VERSION,
@@ -146,7 +161,7 @@ class Codec:
             return self._pack_payload(obj)
         code = _RECORD_CODE.get(type(obj))
         if code is not None:
-            return msgpack.ExtType(_EXT_RECORD, self._pack([code, *_field_values(obj)]))
+            return msgpack.ExtType(_EXT_RECORD, self._pack((code, *_field_values(obj))))
         raise TypeError(f"cannot encode {type(obj).__name__} in a message")
 
     def _pack_payload(self, p: Payload) -> msgpack.ExtType:
@@ -159,12 +174,13 @@ class Codec:
             self._digests.extend(hashlib.sha256(b).digest() for b in out)
         start = len(self._frames)
         self._frames.extend(out)
-        return msgpack.ExtType(_EXT_PAYLOAD, self._pack([inline, start, len(out)]))
+        return msgpack.ExtType(_EXT_PAYLOAD, self._pack((inline, start, len(out))))
 
-    def _sign(self, header: bytes, body: bytes, digests: Sequence[bytes]) -> bytes:
-        if self._key is None:
+    def _sign(self, header: Any, body: Any, digests: Sequence[bytes]) -> bytes:
+        if self._mac is None:
             return b""
-        mac = hmac.new(self._key, header, hashlib.sha256)
+        mac = self._mac.copy()  # keyed once: a copy skips the key schedule
+        mac.update(header)
         mac.update(body)
         for d in digests:
             mac.update(d)
@@ -256,25 +272,30 @@ class Codec:
     def _build(
         self, cls: type, body: memoryview, buffers: list[memoryview], digests: tuple[bytes, ...]
     ) -> Any:
-        def ext_hook(code: int, data: bytes) -> Any:
-            if code == _EXT_PAYLOAD:
-                inline, start, count = msgpack.unpackb(data, use_list=False, raw=False)
-                if start < 0 or start + count > len(buffers):
-                    raise ProtocolError("Payload refers to missing frames.")
-                parts = buffers[start : start + count]
-                known = digests[start : start + count] if digests else None
-                if inline is None:
-                    if not parts:
-                        raise ProtocolError("Payload without data.")
-                    return Payload(parts[0], tuple(parts[1:]), known)
-                return Payload(inline, tuple(parts), known)
-            if code == _EXT_RECORD:
-                code_, *values = msgpack.unpackb(data, ext_hook=ext_hook, use_list=False, raw=False)
-                rec = RECORD_TYPES[code_]
-                return rec(*values[: _NFIELDS[rec]])
-            raise ProtocolError(f"Unknown extension type {code}.")
-
-        values = msgpack.unpackb(body, ext_hook=ext_hook, use_list=False, raw=False)
+        self._buffers, self._known = buffers, digests
+        try:
+            values = msgpack.unpackb(body, ext_hook=self._ext, use_list=False, raw=False)
+        finally:
+            self._buffers, self._known = [], ()
         if not isinstance(values, tuple):
             raise ProtocolError("Body is not an array.")
         return cls(*values[: _NFIELDS[cls]])
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        if code == _EXT_RECORD:
+            values = msgpack.unpackb(data, ext_hook=self._ext, use_list=False, raw=False)
+            rec = RECORD_TYPES[values[0]]
+            return rec(*values[1 : 1 + _NFIELDS[rec]])
+        if code == _EXT_PAYLOAD:
+            inline, start, count = msgpack.unpackb(data, use_list=False, raw=False)
+            buffers = self._buffers
+            if start < 0 or start + count > len(buffers):
+                raise ProtocolError("Payload refers to missing frames.")
+            parts = buffers[start : start + count]
+            known = self._known[start : start + count] if self._known else None
+            if inline is None:
+                if not parts:
+                    raise ProtocolError("Payload without data.")
+                return Payload(parts[0], tuple(parts[1:]), known)
+            return Payload(inline, tuple(parts), known)
+        raise ProtocolError(f"Unknown extension type {code}.")

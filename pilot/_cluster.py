@@ -147,8 +147,23 @@ class LocalCluster:
         return c
 
     def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
+        """Until ``n`` workers are registered. Raises ``PilotError`` at once if a worker
+        process exits meanwhile, ``PilotTimeout`` past ``timeout``."""
+        deadline = time.monotonic() + timeout
         with Client(self.connection, timeouts=self.timeouts) as c:  # type: ignore[arg-type]
-            c.wait_for_workers(n, timeout)
+            while True:
+                left = deadline - time.monotonic()
+                reply = c.status(wait_workers=n, timeout=max(0.0, min(1.0, left)))
+                if len(reply.workers) >= n:
+                    return
+                dead = [p for p in self.workers if p.poll() is not None]
+                if dead:
+                    raise PilotError(
+                        f"A local worker exited with code {dead[0].returncode} before "
+                        "registering; see its messages above."
+                    )
+                if left <= 0:
+                    raise PilotTimeout(f"Only {len(reply.workers)} of {n} workers connected.")
 
     def kill_gateway(self) -> None:
         """SIGKILL the gateway (for failure tests)."""

@@ -14,8 +14,9 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from gateway import Client, PilotError, Status, find_connection
-from gateway._sync import AUTO_CHUNK_TASKS, Job
+from gateway import Client, ConfigError, DataError, PilotError, Status, find_connection
+from gateway._job import Job
+from gateway._sync import AUTO_CHUNK_TASKS
 from pilot_magics._options import DistributeOptions, parse_options
 from pilot_magics._packaging import build_cell_function
 from pilot_magics._render import CellRun
@@ -110,24 +111,49 @@ class PilotMagics(Magics):
         ns = self.shell.user_ns
         source = self.shell.transform_cell(cell)
         label_name, items, bind, constants, chunk = self._plan(opts, ns)
-        fn = build_cell_function(source, ns, bind=bind, constants=constants)
-        job = self.client().map(
-            fn,
-            items,
-            chunk=chunk,
-            cpus=opts.cpus,
-            gpus=opts.gpus,
-            tags=opts.tags,
-            timeout=opts.timeout,
-            retries=opts.retries,
-            name="%%distribute",
-        )
+        datasets = tuple(name for name, _ in opts.data)  # bound on the worker, not shipped
+        fn = build_cell_function(source, ns, bind=bind, constants=constants, provided=datasets)
+        job = self._submit(opts, fn, items, chunk, sharded=bool(bind))
         self.last_job = job
         if opts.async_var:
             ns[opts.async_var] = job
             what = f"{len(items)} items in {job.n_tasks} tasks"
             print(f"job {job.id}: {what}, bound to {opts.async_var}")
             return None
+        return self._follow(opts, job, items, label_name, bind)
+
+    def _submit(
+        self, opts: DistributeOptions, fn: Any, items: list[Any], chunk: int, sharded: bool
+    ) -> Job:
+        try:
+            return self.client().map(
+                fn,
+                items,
+                chunk=chunk,
+                cpus=opts.cpus,
+                gpus=opts.gpus,
+                tags=opts.tags,
+                timeout=opts.timeout,
+                retries=opts.retries,
+                name="%%distribute",
+                data=dict(opts.data),
+                data_mode=opts.data_mode,
+                ship=opts.ship,
+                results=opts.results or "",
+                shard_data=sharded,
+            )
+        except (DataError, ConfigError) as exc:
+            raise UsageError(str(exc)) from None
+
+    def _follow(
+        self,
+        opts: DistributeOptions,
+        job: Job,
+        items: list[Any],
+        label_name: str | None,
+        bind: tuple[str, ...],
+    ) -> Any:
+        ns = self.shell.user_ns
         run = CellRun(
             job,
             label_name=label_name,
@@ -147,6 +173,11 @@ class PilotMagics(Magics):
         if error is not None:
             raise error
         job.wait()
+        files = job.files()
+        if files:
+            count = sum(len(v) for v in files.values())
+            first = next(iter(files.values()))[0]
+            print(f"{count} result files, e.g. {first} (all: job.files())")
         if opts.gather:
             ns[opts.gather] = self._gathered(opts, ns, job, items, label_name, bind)
         return None

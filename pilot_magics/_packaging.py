@@ -48,9 +48,11 @@ def build_cell_function(
     *,
     bind: tuple[str, ...] = (),
     constants: dict[str, Any] | None = None,
+    provided: tuple[str, ...] = (),
     large_bytes: int = LARGE_VALUE_BYTES,
 ) -> CellFunction:
-    """The cell as a ``CellFunction``, with the notebook values it reads.
+    """The cell as a ``CellFunction``, with the notebook values it reads (except ``provided``
+    names, which the worker binds: datasets).
 
     Raises ``UsageError`` for a syntax error, ``SerializationError`` naming a variable that
     cannot be pickled.
@@ -59,7 +61,7 @@ def build_cell_function(
         wanted = names_read(source)
     except SyntaxError as exc:
         raise UsageError(f"The cell has a syntax error (line {exc.lineno}): {exc.msg}") from None
-    skip = set(bind) | set(constants or {}) | set(dir(builtins))
+    skip = set(bind) | set(constants or {}) | set(provided) | set(dir(builtins))
     values: dict[str, Any] = {}
     modules: dict[str, str] = {}
     for name in sorted(wanted - skip):

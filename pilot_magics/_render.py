@@ -18,7 +18,7 @@ from typing import Any
 from IPython.display import DisplayHandle, display, publish_display_data, update_display
 
 from gateway import JobUpdate, Output, TaskDone, TaskError, TaskStatus
-from gateway._sync import Job
+from gateway._job import Job
 
 __all__ = ["CellRun", "RemoteCellError"]
 

@@ -8,8 +8,14 @@ Two paths, because both kinds of output exist:
   replace fds 1 and 2; a reader thread tags them with the label current when it reads them.
 
 A flusher thread sends what accumulated at least every ``FLUSH_S`` (and at once past
-``FLUSH_BYTES``); ``drain()`` sends everything written so far, in order, before a result.
-Owned by the task process; ``emit`` is called with the lock held, from either thread.
+``FLUSH_BYTES``); ``drain()`` sends everything written so far, in order.
+
+Results go through here too, so that a task's outputs always leave before its result: ``hold``
+queues a result behind the outputs read so far and sends both at the end of a batch; results
+held for ``RESULT_HOLD_S`` are sent by the flusher thread (within ``FLUSH_S``), so a long task
+does not keep back the results of the short ones before it in the same batch.
+Owned by the task process; ``emit`` and ``emit_results`` are called with the lock held, from
+either thread.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import select
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +35,7 @@ from gateway import Output
 __all__ = ["Capture"]
 
 FLUSH_S = 0.05
+RESULT_HOLD_S = 0.002  # results of a batch finishing within this of each other travel together
 FLUSH_BYTES = 64 * 1024
 _READ_BYTES = 64 * 1024
 
@@ -62,14 +70,22 @@ class _Stream(io.TextIOBase):
 class Capture:
     """See the module docstring. ``emit(outputs)`` sends a list of ``Output``s."""
 
-    def __init__(self, emit: Callable[[list[Output]], None]) -> None:
+    def __init__(
+        self,
+        emit: Callable[[list[Output]], None],
+        emit_results: Callable[[list[Any]], None] | None = None,
+    ) -> None:
         self._emit = emit
+        self._emit_results = emit_results
         self.lock = threading.Lock()
         self._pending: list[tuple[tuple[str, int, int], str, Any, dict[str, Any]]] = []
         self._pending_bytes = 0
+        self._results: list[Any] = []
+        self._held_since: float | None = None  # monotonic time of the oldest held result
         self.label: tuple[str, int, int] = ("", -1, -1)
         self._stop = threading.Event()
         self._pipes: dict[int, str] = {}
+        self._fds: list[int] = []
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -80,6 +96,7 @@ class Capture:
             os.close(w)
             fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_NONBLOCK)
             self._pipes[r] = kind
+        self._fds = list(self._pipes)
         sys.stdout = _Stream(self, "stdout", 1)
         sys.stderr = _Stream(self, "stderr", 2)
         self._thread = threading.Thread(target=self._run, name="pilot-capture", daemon=True)
@@ -94,22 +111,52 @@ class Capture:
                 self._send_locked()
 
     def drain(self) -> None:
-        """Send everything written so far (called before a task's result)."""
+        """Send every output written so far."""
         with self.lock:
             self._read_pipes_locked()
             self._send_locked()
 
+    def hold(self, result: Any, *, last: bool) -> None:
+        """Queue a task's result behind the outputs written so far (read now, under the
+        current label). With ``last`` (the batch ends), or once results have waited
+        ``RESULT_HOLD_S``, send the outputs and then every held result."""
+        with self.lock:
+            self._read_pipes_locked()
+            self._results.append(result)
+            now = time.monotonic()
+            if self._held_since is None:
+                self._held_since = now
+            if last or now - self._held_since >= RESULT_HOLD_S:
+                self._send_locked()
+                self._send_results_locked()
+
     def _run(self) -> None:
-        fds = list(self._pipes)
         while not self._stop.is_set():
-            readable, _, _ = select.select(fds, [], [], FLUSH_S)
+            held = self._held_since
+            timeout = FLUSH_S
+            if held is not None:
+                timeout = min(FLUSH_S, max(0.0, held + RESULT_HOLD_S - time.monotonic()))
+            readable, _, _ = select.select(self._fds, [], [], timeout)
             with self.lock:
                 if readable:
                     self._read_pipes_locked()
                 self._send_locked()
+                held = self._held_since
+                if held is not None and time.monotonic() - held >= RESULT_HOLD_S:
+                    self._send_results_locked()
+
+    def _send_results_locked(self) -> None:
+        if self._results and self._emit_results is not None:
+            results, self._results = self._results, []
+            self._held_since = None
+            self._emit_results(results)
 
     def _read_pipes_locked(self) -> None:
-        for r, kind in self._pipes.items():
+        if not self._fds:
+            return
+        ready, _, _ = select.select(self._fds, [], [], 0)  # one call, not a read per pipe
+        for r in ready:
+            kind = self._pipes[r]
             while True:
                 try:
                     chunk = os.read(r, _READ_BYTES)

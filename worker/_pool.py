@@ -1,9 +1,12 @@
 """The worker's task processes: ``slots`` long-lived children behind one IPC ROUTER socket.
 
-``TaskPool`` starts them (``python -m worker._child``), knows which is idle, sends a task to one,
-interrupts one (SIGINT, then SIGKILL after a grace period), and replaces any that dies. Exits
-are reported through ``on_exit(child, returncode)`` so the worker can fail the task it ran.
+``TaskPool`` starts them (``python -m worker._child``), knows which are idle, interrupts a task
+(SIGINT, then SIGKILL after a grace period), and replaces any process that dies. Exits are
+reported through ``on_exit(child, returncode)`` so the worker can fail the task that ran.
 Owned by the worker's event loop.
+
+A ``Child`` holds the batch of tasks it was handed, by sequence number (see ``worker._control``:
+the page it shares with its process says which of them runs and which are cancelled).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import zmq
 
 from gateway._messages import Assignment, Goodbye
+from worker._control import Control
 
 __all__ = ["Child", "TaskPool"]
 
@@ -34,10 +38,27 @@ log = logging.getLogger("pilot.worker")
 class Child:
     ident: bytes
     proc: asyncio.subprocess.Process
+    control: Control
     ready: bool = False
-    task: Assignment | None = None
+    tasks: dict[int, Assignment] = field(default_factory=dict)  # seq -> task, in sent order
+    sent: int = 0  # tasks sent to this process so far: the last sequence number used
+    slots: int = 0  # slots held by its tasks
     fns: set[str] = field(default_factory=set)
-    interrupting: bool = False
+    interrupting: set[int] = field(default_factory=set)  # seqs cancelled while out
+
+    def take(self, batch: list[Assignment]) -> None:
+        """Record ``batch`` as handed to this process (the caller sends it)."""
+        for a in batch:
+            self.sent += 1
+            self.control.clear(self.sent)
+            self.tasks[self.sent] = a
+        self.slots = max(a.cpus for a in batch)
+
+    def seq_of(self, job_id: str, index: int, attempt: int) -> int | None:
+        for seq, t in self.tasks.items():
+            if t.job_id == job_id and t.index == index and t.attempt == attempt:
+                return seq
+        return None
 
 
 class TaskPool:
@@ -69,17 +90,23 @@ class TaskPool:
 
     async def spawn(self) -> Child:
         ident = f"c{next(self._ids)}".encode()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker._child",
-            self.url,
-            ident.decode(),
-            stdin=asyncio.subprocess.DEVNULL,
-            env=self._env,
-            start_new_session=True,  # a Ctrl-C at the terminal is the worker's to handle
-        )
-        child = self.children[ident] = Child(ident, proc)
+        control = Control(self._dir / f"{ident.decode()}.control", create=True)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "worker._child",
+                self.url,
+                ident.decode(),
+                str(control.path),
+                stdin=asyncio.subprocess.DEVNULL,
+                env=self._env,
+                start_new_session=True,  # a Ctrl-C at the terminal is the worker's to handle
+            )
+        except BaseException:
+            control.close()
+            raise
+        child = self.children[ident] = Child(ident, proc, control)
         watcher = asyncio.get_running_loop().create_task(self._watch(child))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
@@ -88,27 +115,36 @@ class TaskPool:
     async def _watch(self, child: Child) -> None:
         code = await child.proc.wait()
         self.children.pop(child.ident, None)
-        if not self.closing:
-            self._on_exit(child, code)
+        try:
+            if not self.closing:
+                self._on_exit(child, code)
+        finally:
+            child.control.close()
 
     def idle(self) -> Child | None:
         for child in self.children.values():
-            if child.ready and child.task is None:
+            if child.ready and not child.tasks:
                 return child
         return None
+
+    def idle_count(self) -> int:
+        return sum(1 for c in self.children.values() if c.ready and not c.tasks)
 
     @property
     def all_ready(self) -> bool:
         return len(self.children) >= self.size and all(c.ready for c in self.children.values())
 
-    def interrupt(self, child: Child, grace_s: float) -> None:
-        """SIGINT now; SIGKILL after ``grace_s`` if it still runs the same task."""
-        task = child.task
-        child.interrupting = True
+    def interrupt(self, child: Child, seq: int, grace_s: float) -> None:
+        """Cancel task ``seq`` of ``child``: flag it, then SIGINT. A task that has not started
+        is skipped; a running one is interrupted (the process ignores the signal unless the
+        task it runs is flagged, so it is safe to send whatever runs). SIGKILL after
+        ``grace_s`` if that task still runs."""
+        child.interrupting.add(seq)
+        child.control.cancel(seq)
         _signal(child, signal.SIGINT)
 
         def kill() -> None:
-            if child.task is task and child.ident in self.children:
+            if child.ident in self.children and child.control.running == seq:
                 log.info("task process %s ignored SIGINT: killing it", child.ident.decode())
                 _signal(child, signal.SIGKILL)
 
@@ -130,6 +166,8 @@ class TaskPool:
             await asyncio.gather(*(p.wait() for p in procs))
         for w in list(self._watchers):
             w.cancel()
+        for child in self.children.values():
+            child.control.close()
         self.sock.close(linger=0)
         for entry in self._dir.iterdir():
             entry.unlink(missing_ok=True)

@@ -9,7 +9,13 @@ are ready; ``run()`` then serves until ``stop()`` (SIGTERM) or a fatal refusal. 
   ``retry`` (the gateway restarted), re-announcing the attempts it holds so they are adopted;
 - keeps assignments in a local queue, runs each on an idle task process when the slots it needs
   are free, forwards outputs as they come and results when they end;
-- on cancel, interrupts the task process (SIGINT, then SIGKILL after the grace period);
+- hands an idle task process several queued tasks at once when they are known to be short
+  (their function's mean duration here is under ``SHORT_TASK_S``, with no timeout, one slot, no
+  GPU), keeping some back for the next process to free up: each hop then carries many tasks
+  per message. Only the task that was running when a process died is failed; the rest of its
+  batch goes back to the queue;
+- on cancel, interrupts the task (SIGINT, then SIGKILL after the grace period) or, if it is
+  waiting in a task process's batch, has the process skip it (see ``worker._control``);
 - on ``stop()``, hands back what it has not started, finishes what runs (up to ``stop_grace_s``),
   says goodbye and exits.
 """
@@ -20,6 +26,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -28,7 +35,7 @@ from typing import Any
 import zmq
 
 from gateway import Codec, Payload, WorkerSettings
-from gateway._drain import Drain
+from gateway._drain import Drain, send_frames
 from gateway._messages import (
     Assign,
     Assignment,
@@ -39,6 +46,7 @@ from gateway._messages import (
     Outputs,
     Refused,
     TaskAttempt,
+    TaskInput,
     TaskResult,
     TaskResults,
     TasksStarted,
@@ -48,6 +56,7 @@ from gateway._messages import (
 )
 from worker._devices import cpu_count, detect_gpus, memory_bytes
 from worker._pool import Child, TaskPool
+from worker._sessions import SessionHost
 
 __all__ = ["Worker"]
 
@@ -56,6 +65,10 @@ log = logging.getLogger("pilot.worker")
 RECONNECT_MAX_S = 5.0
 FN_CACHE = 128
 READY_TIMEOUT_S = 60.0
+MAX_BATCH = 64  # tasks handed to a task process at once
+BATCH_BUDGET_S = 0.005  # a batch is sized to run for about this long
+SHORT_TASK_S = 0.001  # only functions whose tasks take less than this (mean) are batched
+STARTED_DELAY_S = 0.005  # starts are reported with the results, or after this long
 
 
 class WorkerState(enum.Enum):
@@ -76,6 +89,13 @@ class Worker:
         self._codec = Codec(settings.connection.key, max_message_bytes=settings.max_message_bytes)
         self._local = Codec(None, max_message_bytes=settings.max_message_bytes)
         self.pool = TaskPool(self._ctx, settings.slots, on_exit=self._child_exited, env=env)
+        self.sessions = SessionHost(
+            self.pool.url,
+            self._send_child,
+            lambda outputs: self._outputs.extend(outputs),
+            self._session_finished,
+            settings.timeouts.cancel_grace_s,
+        )
         self.gpus = detect_gpus()
         self._gw: zmq.Socket[Any] | None = None
         self._gw_drain: Drain | None = None
@@ -84,10 +104,13 @@ class Worker:
         self._queue: deque[Assignment] = deque()
         self._holding: dict[tuple[str, int], Assignment] = {}
         self._fns: dict[str, Payload] = {}
+        self._durations: dict[str, float] = {}  # fn_key -> mean task duration here (EWMA), s
         self._used_slots = 0
         self._to_gateway: list[Any] = []
         self._outputs: list[Output] = []
         self._started: list[TaskAttempt] = []
+        self._started_since: float | None = None  # when the oldest unreported start was seen
+        self._started_timer: asyncio.TimerHandle | None = None
         self._results: list[TaskResult] = []
         self._unsent_results: list[TaskResult] = []  # kept across reconnects
         self._last_heard = time.monotonic()
@@ -112,11 +135,14 @@ class Worker:
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._started_timer is not None:
+            self._started_timer.cancel()
         if self._group is not None:
             await self._group.__aexit__(None, None, None)
         for drain in (self._gw_drain, self._children_drain):
             if drain is not None:
                 drain.close()
+        await self.sessions.close()
         await self.pool.close(self._send_child)
         if self._gw is not None:
             self._gw.close(linger=1000)
@@ -156,7 +182,7 @@ class Worker:
             except TimeoutError:
                 log.warning("tasks still running after the stop grace period: handing back")
         left = tuple(TaskAttempt(a.job_id, a.index, a.attempt) for a in self._holding.values())
-        self._flush()
+        self._flush(force=True)
         self._send_gateway(Goodbye(left, final=True))
 
     # -- gateway side -----------------------------------------------------------------------
@@ -198,7 +224,7 @@ class Worker:
 
     def _send_gateway(self, msg: Any) -> None:
         assert self._gw is not None
-        self._gw.send_multipart(self._codec.encode(msg), copy=False)
+        send_frames(self._gw, self._codec.encode(msg))
 
     def _from_gateway(self, frames: list[zmq.Frame]) -> None:
         try:
@@ -237,6 +263,8 @@ class Worker:
                     self._queue.append(a)
             case CancelTasks(attempts=attempts):
                 self._cancel(attempts)
+            case TaskInput():
+                self.sessions.input(msg)
             case Refused(reason=reason, retry=True):
                 # Every message we sent before it knew us is refused: say hello once.
                 if time.monotonic() - self._hello_at > self.settings.timeouts.heartbeat_interval_s:
@@ -250,6 +278,8 @@ class Worker:
         self._fns[key] = fn
         if len(self._fns) > FN_CACHE:
             self._fns.pop(next(iter(self._fns)))
+        while len(self._durations) > FN_CACHE:
+            self._durations.pop(next(iter(self._durations)))
 
     def _cancel(self, attempts: tuple[TaskAttempt, ...]) -> None:
         wanted = {(a.job_id, a.index, a.attempt) for a in attempts}
@@ -258,10 +288,12 @@ class Worker:
             if (a.job_id, a.index, a.attempt) in wanted:
                 self._holding.pop((a.job_id, a.index), None)
         self._queue = kept
+        self.sessions.cancel(wanted)
+        grace = self.settings.timeouts.cancel_grace_s
         for child in list(self.pool.children.values()):
-            t = child.task
-            if t is not None and (t.job_id, t.index, t.attempt) in wanted:
-                self.pool.interrupt(child, self.settings.timeouts.cancel_grace_s)
+            for seq, t in child.tasks.items():
+                if (t.job_id, t.index, t.attempt) in wanted and seq not in child.interrupting:
+                    self.pool.interrupt(child, seq, grace)
 
     async def _heartbeat(self) -> None:
         t = self.settings.timeouts
@@ -283,24 +315,51 @@ class Worker:
                     backoff = t.heartbeat_interval_s
                 self._send_gateway(Heartbeat(self.settings.slots - self._used_slots))
 
-    def _flush(self) -> None:
-        """Send this turn's outputs, starts and results, in that order."""
+    def _flush(self, *, force: bool = False) -> None:
+        """Send this turn's outputs, then starts and results (in that order).
+
+        Starts wait for the next results, up to ``STARTED_DELAY_S``, and travel in the same
+        ``TaskResults``: a short task's start and end cost the gateway one message and one
+        commit, and a start reported a few milliseconds late changes nothing (its timeout, if
+        it has one, runs a few milliseconds longer)."""
         if self.state is not WorkerState.RUNNING and self.state is not WorkerState.DRAINING:
             return
         if self._outputs:
             self._send_gateway(Outputs(tuple(self._outputs)))
             self._outputs.clear()
+        started: tuple[TaskAttempt, ...] = ()
         if self._started:
-            self._send_gateway(TasksStarted(tuple(self._started)))
-            self._started.clear()
+            now = time.monotonic()
+            if self._started_since is None:
+                self._started_since = now
+            due = self._started_since + STARTED_DELAY_S
+            if self._results or force or now >= due:
+                started = tuple(self._started)
+                self._started.clear()
+                self._started_since = None
+                if self._started_timer is not None:
+                    self._started_timer.cancel()
+                    self._started_timer = None
+            elif self._started_timer is None:
+                loop = asyncio.get_running_loop()
+                self._started_timer = loop.call_later(due - now, self._starts_due)
         if self._results:
-            self._send_gateway(TaskResults(tuple(self._results)))
+            self._send_gateway(TaskResults(tuple(self._results), started))
             self._results.clear()
+        elif started:
+            self._send_gateway(TasksStarted(started))
+
+    def _starts_due(self) -> None:
+        self._started_timer = None
+        self._end_turn()
 
     # -- task processes ---------------------------------------------------------------------
 
     def _from_child(self, frames: list[zmq.Frame]) -> None:
         ident, *rest = frames
+        if self.sessions.owns(ident.bytes):
+            self.sessions.on_message(ident.bytes, self._local.decode(rest).msg)
+            return
         child = self.pool.children.get(ident.bytes)
         if child is not None:
             self._on_child(child, self._local.decode(rest).msg)
@@ -318,32 +377,73 @@ class Worker:
                     self._finish(child, r)
 
     def _finish(self, child: Child, result: TaskResult) -> None:
-        task = child.task
-        child.task = None
-        child.interrupting = False
-        if task is None:
-            return
+        """A result from ``child``: results come in the order its tasks were sent."""
+        key = (result.job_id, result.index, result.attempt)
+        seq = next(iter(child.tasks), None)
+        task = child.tasks.get(seq) if seq is not None else None
+        if task is None or (task.job_id, task.index, task.attempt) != key:
+            seq = child.seq_of(*key)
+            if seq is None:
+                log.warning("task process %s sent an unexpected result", child.ident.decode())
+                return
+            task = child.tasks[seq]
+        del child.tasks[seq]
+        child.interrupting.discard(seq)
+        if result.status == TaskStatus.OK:
+            mean = self._durations.get(task.fn_key)
+            d = result.duration_s
+            self._durations[task.fn_key] = d if mean is None else 0.8 * mean + 0.2 * d
+        self._holding.pop((task.job_id, task.index), None)
+        self._results.append(result)
+        if not child.tasks:
+            self._release(child)
+
+    def _release(self, child: Child) -> None:
+        self._used_slots -= child.slots
+        child.slots = 0
+        if not self._used_slots:
+            self._idle.set()
+
+    def _session_finished(self, task: Assignment, result: TaskResult) -> None:
         self._used_slots -= task.cpus
         if not self._used_slots:
             self._idle.set()
         self._holding.pop((task.job_id, task.index), None)
         self._results.append(result)
+        self._end_turn()
+
+    def _start_session(self, a: Assignment) -> None:
+        self._used_slots += a.cpus
+        self._started.append(TaskAttempt(a.job_id, a.index, a.attempt))
+        assert self._group is not None
+        self._group.create_task(self.sessions.start(a))
 
     def _child_exited(self, child: Child, code: int) -> None:
-        task = child.task
-        if task is not None:
-            how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            if child.interrupting:
-                status, text = TaskStatus.CANCELLED, "Interrupted, then killed."
-            else:
-                status = TaskStatus.CRASHED
-                text = (
-                    f"The process running this task died ({how}). A segfault, os._exit or "
-                    "running out of memory does this."
+        """Fail the task that was running (if one was), requeue the rest of its batch."""
+        running = child.control.running
+        requeue = []
+        for seq, task in list(child.tasks.items()):
+            if seq == running:
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                if seq in child.interrupting:
+                    status, text = TaskStatus.CANCELLED, "Interrupted, then killed."
+                else:
+                    status = TaskStatus.CRASHED
+                    text = (
+                        f"The process running this task died ({how}). A segfault, os._exit or "
+                        "running out of memory does this."
+                    )
+                self._finish(
+                    child, TaskResult(task.job_id, task.index, task.attempt, status, None, text)
                 )
-            self._finish(
-                child, TaskResult(task.job_id, task.index, task.attempt, status, None, text)
-            )
+            elif seq in child.interrupting:  # cancelled before it ran: nothing to report
+                self._holding.pop((task.job_id, task.index), None)
+            else:  # not started, or its result was still held: it runs again
+                requeue.append(task)
+        child.tasks.clear()
+        if child.slots:
+            self._release(child)
+        self._queue.extendleft(reversed(requeue))
         log.info("task process %s exited (%s); starting another", child.ident.decode(), code)
         if not self._stop.is_set() and self._group is not None:
             self._group.create_task(self._respawn())
@@ -357,12 +457,42 @@ class Worker:
             return
         while self._queue:
             a = self._queue[0]
+            if a.meta.get("mode") == "session":  # a process of its own, not the pool's
+                self._queue.popleft()
+                self._start_session(a)
+                continue
             if self._used_slots and self._used_slots + a.cpus > self.settings.slots:
                 return
             child = self.pool.idle()
             if child is None:
                 return
-            self._queue.popleft()
+            batch = [self._queue.popleft()]
+            limit = self._batch_limit(a)
+            while len(batch) < limit and self._queue and self._batchable(self._queue[0]):
+                batch.append(self._queue.popleft())
+            self._hand(child, batch)
+
+    def _batchable(self, a: Assignment) -> bool:
+        # A timeout is watched per task from its start, and SIGINT must reach a task with a
+        # deadline at once: those run alone. So do tasks needing more than one slot or a GPU.
+        if a.timeout_s > 0 or a.cpus != 1 or a.gpus or a.meta.get("mode") == "session":
+            return False
+        mean = self._durations.get(a.fn_key)
+        return mean is not None and mean < SHORT_TASK_S
+
+    def _batch_limit(self, a: Assignment) -> int:
+        """How many tasks from the head of the queue go to the next idle process: enough to
+        fill ``BATCH_BUDGET_S``, and no more than an even share of what is queued between the
+        processes idle now and the next to free up (so work is left for it)."""
+        if not self._batchable(a):
+            return 1
+        mean = max(self._durations[a.fn_key], 1e-6)
+        share = math.ceil(len(self._queue) / (self.pool.idle_count() + 1))
+        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / mean), share))
+
+    def _hand(self, child: Child, batch: list[Assignment]) -> None:
+        tasks = []
+        for a in batch:
             fn = None
             if a.fn_key not in child.fns:
                 fn = self._fns.get(a.fn_key)
@@ -380,10 +510,11 @@ class Worker:
                     a.cpus,
                     a.gpus,
                 )
-            child.task = a
-            self._used_slots += a.cpus
-            self._send_child(child.ident, Assign((a,)))
+            tasks.append(a)
             self._started.append(TaskAttempt(a.job_id, a.index, a.attempt))
+        child.take(tasks)
+        self._used_slots += child.slots
+        self._send_child(child.ident, Assign(tuple(tasks)))
 
     def _send_child(self, ident: bytes, msg: Any) -> None:
-        self.pool.sock.send_multipart([ident, *self._local.encode(msg)], copy=False)
+        send_frames(self.pool.sock, [ident, *self._local.encode(msg)])
