@@ -28,12 +28,30 @@ Policies, in one place:
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-from gateway._messages import Resources, Status, TaskAttempt, TaskStatus
+from gateway._messages import Status, TaskAttempt, TaskStatus
+from gateway._sched_events import (
+    AssignTask,
+    CancelAttempt,
+    Event,
+    Instruction,
+    JobAdded,
+    JobCancel,
+    JobSettled,
+    TaskFinished,
+    TaskSettled,
+    TaskStarted,
+    Tick,
+    Unschedulable,
+    WorkerDraining,
+    WorkerGone,
+    WorkerHeard,
+    WorkerJoined,
+    WorkerLeft,
+)
+from gateway._sched_state import _T, _Job, _Task, _Worker
 
 __all__ = [
     "AssignTask",
@@ -57,215 +75,6 @@ BAD_WORKER_FAILURES = 3
 LOCALITY_SCAN = 256  # queued tasks looked at to find one whose data a worker has cached
 FAMILIES_KEPT = 1024  # job families whose mean task duration is remembered
 _NO_RETRY = (TaskStatus.UNPICKLABLE,)
-
-
-# -- events -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class JobAdded:
-    job_id: str
-    n_tasks: int
-    resources: Resources
-    now: float
-    timeout_s: float = 0.0
-    retries: int = 2
-    data_keys: tuple[str, ...] = ()  # per task: what it reads (locality), "" for nothing
-    settled: tuple[int, ...] = ()  # recovery: tasks already finished
-    orphans: tuple[TaskAttempt, ...] = ()  # recovery: attempts out on workers at the crash
-    orphan_workers: tuple[str, ...] = ()  # recovery: orphans[i] ran on orphan_workers[i]
-    family: str = ""  # jobs of one family (the same function) have alike task durations
-
-
-@dataclass(frozen=True, slots=True)
-class JobCancel:
-    job_id: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerJoined:
-    name: str
-    slots: int
-    gpus: int
-    tags: frozenset[str]
-    now: float
-    holding: tuple[TaskAttempt, ...] = ()  # attempts it still runs or queues (reconnect)
-    same_process: bool = False  # a re-hello from the process we knew: its tasks are in flight
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLeft:
-    name: str
-    now: float
-    status: TaskStatus = TaskStatus.LOST
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerDraining:
-    """A worker that stops taking tasks; ``handed_back`` go back to the queue, no fault."""
-
-    name: str
-    now: float
-    handed_back: tuple[TaskAttempt, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerHeard:
-    name: str
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class TaskStarted:
-    worker: str
-    job_id: str
-    index: int
-    attempt: int
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class TaskFinished:
-    worker: str
-    job_id: str
-    index: int
-    attempt: int
-    status: TaskStatus
-    now: float
-    duration_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    now: float
-
-
-# -- instructions -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AssignTask:
-    worker: str
-    job_id: str
-    index: int
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class CancelAttempt:
-    worker: str
-    job_id: str
-    index: int
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class TaskSettled:
-    """A task reached its final state. For OK, the server keeps the reporting attempt's value.
-    ``attempt`` is the attempt whose outcome this is (the one to take the value or error of)."""
-
-    job_id: str
-    index: int
-    status: TaskStatus
-    attempt: int
-    worker: str
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerGone:
-    """The scheduler no longer counts on this worker (lost, or left)."""
-
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class JobSettled:
-    job_id: str
-    state: Status
-
-
-@dataclass(frozen=True, slots=True)
-class Unschedulable:
-    job_id: str
-    resources: Resources
-
-
-Event = (
-    JobAdded
-    | JobCancel
-    | WorkerJoined
-    | WorkerLeft
-    | WorkerDraining
-    | WorkerHeard
-    | TaskStarted
-    | TaskFinished
-    | Tick
-)
-Instruction = AssignTask | CancelAttempt | TaskSettled | JobSettled | Unschedulable | WorkerGone
-
-
-# -- state ------------------------------------------------------------------------------------
-
-
-class _T(enum.Enum):
-    QUEUED = "queued"
-    OUT = "out"  # assigned to a worker (queued there or running)
-    ORPHAN = "orphan"  # out on a worker when the gateway restarted
-    FINAL = "final"
-
-
-@dataclass(slots=True, eq=False)
-class _Task:
-    index: int
-    state: _T = _T.QUEUED
-    attempt: int = 0
-    worker: str = ""
-    started_at: float | None = None
-    failures: int = 0
-    failed_on: set[str] = field(default_factory=set)
-    orphan_deadline: float = 0.0
-
-
-@dataclass(slots=True, eq=False)
-class _Job:
-    job_id: str
-    resources: Resources
-    timeout_s: float
-    retries: int
-    tasks: list[_Task]
-    queue: deque[int] = field(default_factory=deque)
-    unsettled: int = 0
-    failed: int = 0
-    state: Status = Status.QUEUED
-    duration_sum_s: float = 0.0
-    duration_n: int = 0
-    bad_workers: dict[str, int] = field(default_factory=dict)
-    family: str = ""
-    data_keys: tuple[str, ...] = ()
-
-    @property
-    def cost(self) -> int:
-        return max(1, self.resources.cpus)
-
-
-@dataclass(slots=True, eq=False)
-class _Worker:
-    name: str
-    slots: int
-    gpus: int
-    tags: frozenset[str]
-    last_seen: float
-    used_slots: int = 0
-    used_gpus: int = 0
-    draining: bool = False
-    out: dict[tuple[str, int], _Task] = field(default_factory=dict)
-
-    def can_ever_run(self, res: Resources) -> bool:
-        return (
-            max(1, res.cpus) <= self.slots and res.gpus <= self.gpus and set(res.tags) <= self.tags
-        )
 
 
 class Scheduler:
@@ -412,8 +221,10 @@ class Scheduler:
             t = job.tasks[a.index] if job and 0 <= a.index < len(job.tasks) else None
             if t is not None and job is not None and w.out.get((a.job_id, a.index)) is t:
                 continue  # already ours (a re-hello from the same process)
-            adoptable = t is not None and t.state is not _T.FINAL and (
-                t.attempt == a.attempt or t.state is _T.ORPHAN
+            adoptable = (
+                t is not None
+                and t.state is not _T.FINAL
+                and (t.attempt == a.attempt or t.state is _T.ORPHAN)
             )
             if adoptable and t is not None and job is not None:
                 t.attempt = max(t.attempt, a.attempt)

@@ -20,61 +20,40 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from gateway import _scheduler as sch
 from gateway._blobs import BlobStore
+from gateway._clientside import ClientSide
 from gateway._drain import Drain, send_frames
 from gateway._errors import MessageTooLarge, PilotError, ProtocolError, VersionMismatch
+from gateway._instructions import Instructions
 from gateway._messages import (
     FROM_CLIENT,
     FROM_WORKER,
     Assign,
     Assignment,
-    AttachJob,
-    BlobReply,
-    CancelJob,
     CancelTasks,
-    ClientHello,
     ErrorReply,
-    GetBlob,
-    Goodbye,
-    Heartbeat,
-    JobInfo,
     JobSpec,
-    JobsQuery,
-    JobsReply,
     JobUpdate,
-    LogsQuery,
-    LogsReply,
     Output,
     Outputs,
     Payload,
-    PutBlob,
     Refused,
-    Status,
     StatusQuery,
-    StatusReply,
-    Submit,
     Submitted,
     TaskAttempt,
     TaskDone,
     TaskEvents,
-    TaskInput,
-    TaskResult,
-    TaskResults,
-    TasksStarted,
-    TaskStatus,
-    Welcome,
-    WorkerHello,
-    WorkerInfo,
 )
+from gateway._records import _Job, _Worker
 from gateway._settings import ConnectionInfo, GatewaySettings
 from gateway._state import StateStore
 from gateway._wire import Codec
+from gateway._workerside import WorkerSide
 
 __all__ = ["Gateway"]
 
@@ -90,30 +69,7 @@ class GatewayState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(slots=True, eq=False)
-class _Job:
-    spec: JobSpec
-    args: dict[int, Payload]  # unsettled tasks' arguments, loaded lazily after a restart
-    subscribers: set[bytes]
-    created: float
-    done: int = 0
-    failed: int = 0
-    state: Status = Status.QUEUED
-    error: str = ""
-    kept_bytes: dict[int, int] = field(default_factory=dict)  # outputs kept per task
-    owner: bytes | None = None  # the submitting client
-
-
-@dataclass(slots=True, eq=False)
-class _Worker:
-    ident: bytes
-    hello: WorkerHello
-    since: float
-    fns: set[str] = field(default_factory=set)
-    done: int = 0
-
-
-class Gateway:
+class Gateway(ClientSide, WorkerSide, Instructions):
     """See the module docstring."""
 
     def __init__(self, settings: GatewaySettings) -> None:
@@ -336,19 +292,6 @@ class Gateway:
             self._answer_status_waiters(deadline_passed=True)
             self._end_turn(acks=True)
 
-    def _expire_leases(self, now: float) -> None:
-        """A job submitted with ``meta["lease"]`` (a remote session) ends when its client has
-        been silent past the heartbeat deadline: a kernel killed without a goodbye."""
-        deadline = self.settings.timeouts.heartbeat_timeout_s
-        for job_id, job in list(self._jobs.items()):
-            if not job.spec.meta.get("lease") or job.owner is None:
-                continue
-            if now - self._client_seen.get(job.owner, now) > deadline:
-                log.info("lease of job %s expired: its client went silent", job_id)
-                self._apply(self.scheduler.handle(sch.JobCancel(job_id, now)))
-
-    # -- end of turn: commit, then send -----------------------------------------------------
-
     def _end_turn(self, acks: bool = False) -> None:
         for ident, done in self._client_done.items():
             self._to_clients[ident].insert(0, TaskEvents(tuple(done)))
@@ -395,397 +338,6 @@ class Gateway:
             self.counters["unroutable"] += 1
             log.debug("peer %r unreachable for %s: %s", ident, type(msg).__name__, exc)
 
-    # -- scheduler instructions -------------------------------------------------------------
-
-    def _apply(self, instructions: list[sch.Instruction], result: TaskResult | None = None) -> None:
-        for ins in instructions:
-            match ins:
-                case sch.AssignTask(worker=worker, job_id=job_id, index=index, attempt=attempt):
-                    self._assign_task(worker, job_id, index, attempt)
-                case sch.CancelAttempt(worker=worker, job_id=job_id, index=index, attempt=a):
-                    self._cancel[worker].append(TaskAttempt(job_id, index, a))
-                case sch.TaskSettled():
-                    self._task_settled(ins, result)
-                case sch.JobSettled(job_id=job_id, state=state):
-                    self._job_settled(job_id, state)
-                case sch.WorkerGone(name=name):
-                    if self._workers.pop(name, None) is not None:
-                        log.warning("worker %s is gone; its tasks went back to the queue", name)
-                case sch.Unschedulable(job_id=job_id, resources=res):
-                    self._unschedulable[job_id] = self._why_unschedulable(res)
-                    self._apply(self.scheduler.handle(sch.JobCancel(job_id, time.monotonic())))
-
-    def _assign_task(self, worker: str, job_id: str, index: int, attempt: int) -> None:
-        job = self._jobs[job_id]
-        w = self._workers[worker]
-        spec = job.spec
-        args = job.args.get(index)
-        if args is None:
-            args = job.args[index] = self.store.task_args(job_id, index)
-        fn = None
-        if spec.fn_key not in w.fns:
-            fn = self._function(spec.fn_key)
-            w.fns.add(spec.fn_key)
-        res = spec.resources
-        self._assign[worker].append(
-            Assignment(
-                job_id,
-                index,
-                attempt,
-                spec.fn_key,
-                fn,
-                args,
-                spec.timeout_s,
-                spec.meta,
-                max(1, res.cpus),
-                res.gpus,
-            )
-        )
-        self.store.attempt_assigned(job_id, index, attempt, worker)
-
-    def _function(self, key: str) -> Payload:
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = self.store.function(key)
-            if fn is None:
-                raise KeyError(f"function {key} is not stored")
-            self._fns[key] = fn
-        return fn
-
-    def _task_settled(self, ins: sch.TaskSettled, result: TaskResult | None) -> None:
-        job = self._jobs.get(ins.job_id)
-        if job is None:
-            return
-        value = error = None
-        if result is not None and (result.job_id, result.index) == (ins.job_id, ins.index):
-            value = result.value if ins.status == TaskStatus.OK else None
-            error = result.error
-        if not error and ins.status != TaskStatus.OK:
-            error = _default_error(ins.status, ins.worker)
-        done = TaskDone(
-            ins.job_id,
-            ins.index,
-            int(ins.status),
-            value,
-            error or "",
-            ins.worker,
-            ins.attempts,
-            result.duration_s if result is not None else 0.0,
-            result.item if result is not None and value is None else -1,
-            result.files if result is not None and value is not None else (),
-        )
-        if ins.status == TaskStatus.OK:
-            job.done += 1
-        elif ins.status != TaskStatus.CANCELLED:
-            job.failed += 1
-        job.args.pop(ins.index, None)
-        self.store.task_settled(done)
-        if ins.worker in self._workers and ins.status == TaskStatus.OK:
-            self._workers[ins.worker].done += 1
-        for ident in job.subscribers:
-            self._client_done[ident].append(done)
-
-    def _job_settled(self, job_id: str, state: Status) -> None:
-        job = self._jobs.pop(job_id, None)
-        if job is None:
-            return
-        error = self._unschedulable.pop(job_id, "")
-        if error:
-            state = Status.FAILED
-        job.state, job.error = state, error
-        self.store.job_settled(job_id, state, error, job.done, job.failed)
-        for ident in job.subscribers:
-            self._to_clients[ident].append(JobUpdate(job_id, int(state), error))
-
-    def _why_unschedulable(self, res: Any) -> str:
-        have = "; ".join(
-            f"{w.hello.name}: {w.hello.slots} slots, {len(w.hello.gpus)} GPUs, "
-            f"tags [{', '.join(w.hello.tags)}]"
-            for w in self._workers.values()
-        )
-        return (
-            f"No connected worker can run this job: it asks for {max(1, res.cpus)} slots, "
-            f"{res.gpus} GPUs, tags [{', '.join(res.tags)}]; the workers have: {have}. "
-            "Ask for less, or start a worker that has it (`pilot worker --slots N --tags T`)."
-        )
-
-    # -- clients ----------------------------------------------------------------------------
-
-    def _on_client(self, ident: bytes, msg_id: str, msg: Any) -> None:
-        match msg:
-            case Heartbeat() | ClientHello():
-                s = self.settings.timeouts
-                welcome = Welcome(self.gateway_id, s.heartbeat_interval_s, s.heartbeat_timeout_s)
-                self._to_clients[ident].append(welcome)
-            case Submit(jobs=jobs, tasks=tasks):
-                self._submit(ident, jobs, tasks)
-            case CancelJob(job_id=job_id):
-                self._apply(self.scheduler.handle(sch.JobCancel(job_id, time.monotonic())))
-            case AttachJob():
-                self._attach(ident, msg_id, msg)
-            case StatusQuery():
-                self._status_waiters.append(
-                    (ident, msg_id, msg, time.monotonic() + max(0.0, msg.timeout_s))
-                )
-                self._answer_status_waiters()
-            case JobsQuery(limit=limit):
-                self._to_clients[ident].append(JobsReply(tuple(self.store.jobs(limit)), msg_id))
-            case LogsQuery(job_id=job_id, index=index):
-                self.store.flush()
-                if self.store.job_spec(job_id) is None:
-                    self._to_clients[ident].append(
-                        ErrorReply(msg_id, f"No job {job_id} in this gateway.", "JobNotFound")
-                    )
-                    return
-                outs = tuple(self.store.outputs(job_id, index))
-                self._to_clients[ident].append(LogsReply(outs, msg_id))
-            case PutBlob() | GetBlob():
-                self._to_clients[ident].append(self._blob(msg_id, msg))
-            case TaskInput(job_id=job_id, index=index):
-                worker = self.scheduler.worker_of(job_id, index)
-                if worker is None:
-                    self._to_clients[ident].append(
-                        ErrorReply(msg_id, f"Task {job_id}[{index}] is not running.", "NotRunning")
-                    )
-                else:
-                    self._to_workers[worker].append(msg)
-            case Goodbye():
-                for job_id, job in list(self._jobs.items()):
-                    job.subscribers.discard(ident)
-                    if job.spec.meta.get("lease") and job.owner == ident:
-                        self._apply(self.scheduler.handle(sch.JobCancel(job_id, time.monotonic())))
-                self._client_seen.pop(ident, None)
-
-    def _blob(self, msg_id: str, msg: PutBlob | GetBlob) -> BlobReply:
-        """Store or fetch a blob (shipped files, result files) for a client or a worker."""
-        blobs = self.store.blobs
-        if isinstance(msg, PutBlob):
-            digest = blobs.put(msg.data)
-            if digest != msg.digest:
-                blobs.path(digest).unlink(missing_ok=True)
-                return BlobReply(msg_id, msg.digest, False, error="content does not match digest")
-            return BlobReply(msg_id, digest, True)
-        try:
-            return BlobReply(msg_id, msg.digest, True, blobs.get(msg.digest))
-        except FileNotFoundError:
-            return BlobReply(msg_id, msg.digest, False, error=f"no blob {msg.digest} here")
-
-    def _submit(self, ident: bytes, jobs: tuple[JobSpec, ...], tasks: Any) -> None:
-        now = time.monotonic()
-        accepted = []
-        stored = self.store.known_jobs([s.job_id for s in jobs if s.job_id not in self._jobs])
-        for spec, args in zip(jobs, tasks, strict=True):
-            accepted.append(spec.job_id)
-            if spec.job_id in self._jobs or spec.job_id in stored:
-                continue  # a re-sent submit after a reconnect: already have it
-            if spec.fn is not None and spec.fn_key not in self._fns:
-                self._fns[spec.fn_key] = spec.fn
-                self.store.put_function(spec.fn_key, spec.fn)
-            elif spec.fn_key not in self._fns and self.store.function(spec.fn_key) is None:
-                self._to_clients[ident].append(
-                    ErrorReply(spec.job_id, f"unknown function {spec.fn_key}", "UnknownFunction")
-                )
-                accepted.pop()
-                continue
-            self.store.add_job(spec, args, time.time())
-            self._jobs[spec.job_id] = _Job(
-                spec, dict(enumerate(args)), {ident}, time.time(), owner=ident
-            )
-            self._apply(
-                self.scheduler.handle(
-                    sch.JobAdded(
-                        spec.job_id,
-                        spec.n_tasks,
-                        spec.resources,
-                        now,
-                        spec.timeout_s,
-                        self._retries(spec),
-                        family=spec.fn_key,
-                        data_keys=tuple(spec.meta.get("data_keys") or ()),
-                    )
-                )
-            )
-        self._acks[ident].extend(accepted)
-        self.counters["jobs_submitted"] += len(jobs)
-
-    def _attach(self, ident: bytes, msg_id: str, msg: AttachJob) -> None:
-        self.store.flush()
-        found = self.store.job_spec(msg.job_id)
-        if found is None:
-            self._to_clients[ident].append(
-                ErrorReply(msg_id, f"No job {msg.job_id} in this gateway.", "JobNotFound")
-            )
-            return
-        spec, state, error = found
-        job = self._jobs.get(msg.job_id)
-        if job is not None:
-            job.subscribers.add(ident)
-        self._to_clients[ident].append(JobUpdate(msg.job_id, int(state), error, spec))
-        if msg.replay_outputs:
-            outs = self.store.outputs(msg.job_id)
-            if outs:
-                self._to_clients[ident].append(Outputs(tuple(outs)))
-        settled = self.store.settled_tasks(msg.job_id)
-        if settled:
-            self._to_clients[ident].append(TaskEvents(tuple(settled)))
-        if job is None:  # finished: say so after the replay
-            self._to_clients[ident].append(JobUpdate(msg.job_id, int(state), error))
-
-    def _answer_status_waiters(self, deadline_passed: bool = False) -> None:
-        if not self._status_waiters:
-            return
-        now = time.monotonic()
-        keep = []
-        for ident, msg_id, q, deadline in self._status_waiters:
-            if len(self._workers) >= q.wait_workers or now >= deadline:
-                self._to_clients[ident].append(self._status_reply(msg_id))
-            else:
-                keep.append((ident, msg_id, q, deadline))
-        self._status_waiters = keep
-
-    def _status_reply(self, request_id: str = "") -> StatusReply:
-        workers = tuple(
-            WorkerInfo(
-                w.hello.name,
-                w.hello.slots,
-                w.hello.cpus,
-                w.hello.memory_bytes,
-                w.hello.gpus,
-                w.hello.tags,
-                self.scheduler.running_on(w.hello.name),
-                time.monotonic() - w.since,
-                w.done,
-            )
-            for w in self._workers.values()
-        )
-        jobs = tuple(
-            JobInfo(job_id, j.spec.name, int(j.state), j.spec.n_tasks, j.done, j.failed, j.created)
-            for job_id, j in self._jobs.items()
-        )
-        counters = dict(self.counters)
-        for side, codec in (("client", self._client_codec), ("worker", self._worker_codec)):
-            for reason, n in codec.rejected.items():
-                counters[f"rejected_{side}_{reason}"] = n
-        return StatusReply(self.gateway_id, workers, jobs, counters, request_id)
-
-    # -- workers ----------------------------------------------------------------------------
-
-    def _on_worker(self, ident: bytes, msg_id: str, msg: Any) -> None:
-        now = time.monotonic()
-        if isinstance(msg, WorkerHello):
-            self._worker_hello(ident, msg, now)
-            return
-        name = ident.decode(errors="replace")
-        w = self._workers.get(name)
-        if w is None or w.ident != ident:
-            # Not registered (we restarted, or declared it lost): it must say hello again.
-            # Its results are authenticated and still count: the first result wins anyway.
-            self._send_raw(
-                self._workers_sock, self._worker_codec, ident, Refused("say hello", retry=True)
-            )
-            if not isinstance(msg, TaskResults | Outputs | PutBlob):
-                return
-        else:
-            self._apply(self.scheduler.handle(sch.WorkerHeard(name, now)))
-        match msg:
-            case Heartbeat():
-                self._to_workers[name].append(Heartbeat())
-            case TasksStarted(attempts=attempts):
-                self._tasks_started(name, attempts, now)
-            case TaskResults(results=results, started=attempts):
-                self._tasks_started(name, attempts, now)  # starts first: they came first
-                for r in results:
-                    started = self._started_at.pop((r.job_id, r.index, r.attempt), 0.0)
-                    self.store.attempt_ended(
-                        r.job_id, r.index, r.attempt, r.status, r.error, started
-                    )
-                    ins = self.scheduler.handle(
-                        sch.TaskFinished(
-                            name,
-                            r.job_id,
-                            r.index,
-                            r.attempt,
-                            TaskStatus(r.status),
-                            now,
-                            r.duration_s,
-                        )
-                    )
-                    self._apply(ins, r)
-            case Outputs(outputs=outputs):
-                self._outputs(outputs)
-            case PutBlob() | GetBlob():
-                self._to_workers[name].append(self._blob(msg_id, msg))
-            case Goodbye(handed_back=handed_back, final=final):
-                self._apply(self.scheduler.handle(sch.WorkerDraining(name, now, handed_back)))
-                if final:
-                    self._apply(self.scheduler.handle(sch.WorkerLeft(name, now, TaskStatus.LOST)))
-                    self._workers.pop(name, None)
-                    log.info("worker %s left", name)
-                else:
-                    log.info("worker %s is draining", name)
-
-    def _tasks_started(self, name: str, attempts: tuple[TaskAttempt, ...], now: float) -> None:
-        wall = time.time()
-        for a in attempts:
-            self._started_at[(a.job_id, a.index, a.attempt)] = wall
-            started = sch.TaskStarted(name, a.job_id, a.index, a.attempt, now)
-            self._apply(self.scheduler.handle(started))
-            job = self._jobs.get(a.job_id)
-            if job is not None and job.state is Status.QUEUED:
-                job.state = Status.RUNNING
-                self.store.job_running(a.job_id)
-
-    def _worker_hello(self, ident: bytes, hello: WorkerHello, now: float) -> None:
-        name = ident.decode(errors="replace")
-        if hello.name != name:
-            self._send_raw(
-                self._workers_sock,
-                self._worker_codec,
-                ident,
-                Refused("the worker's socket identity must be its name", retry=False),
-            )
-            return
-        old = self._workers.get(name)
-        same_process = old is not None and old.hello.pid == hello.pid
-        self._workers[name] = _Worker(ident, hello, now, old.fns if same_process else set())
-        t = self.settings.timeouts
-        self._to_workers[name].append(
-            Welcome(self.gateway_id, t.heartbeat_interval_s, t.heartbeat_timeout_s)
-        )
-        self._apply(
-            self.scheduler.handle(
-                sch.WorkerJoined(
-                    name,
-                    hello.slots,
-                    len(hello.gpus),
-                    frozenset(hello.tags),
-                    now,
-                    hello.running,
-                    same_process,
-                )
-            )
-        )
-        self._answer_status_waiters()
-        log.info("worker %s joined: %d slots, %d GPUs", name, hello.slots, len(hello.gpus))
-
-    def _outputs(self, outputs: tuple[Output, ...]) -> None:
-        limit = self.settings.outputs_kept_bytes
-        for out in outputs:
-            job = self._jobs.get(out.job_id)
-            if job is None:
-                continue
-            for ident in job.subscribers:
-                self._client_outputs[ident].append(out)
-            size = len(out.data) if isinstance(out.data, bytes | str) else 1024
-            kept = job.kept_bytes.get(out.index, 0)
-            if kept + size <= limit:
-                self.store.add_output(out)
-            elif kept <= limit:
-                self.store.add_output(
-                    Output(out.job_id, out.index, out.item, "stderr", b"[output truncated]\n")
-                )
-            job.kept_bytes[out.index] = kept + size
-
 
 def _coalesce(msgs: list[Any]) -> list[Any]:
     """Fold job ends (``JobUpdate`` without a spec) into the ``TaskEvents`` just before them,
@@ -806,16 +358,3 @@ def _coalesce(msgs: list[Any]) -> list[Any]:
     if ended:
         out[-1] = TaskEvents(out[-1].done, (*out[-1].ended, *ended))
     return out
-
-
-def _default_error(status: TaskStatus, worker: str) -> str:
-    match status:
-        case TaskStatus.LOST:
-            return f"Worker {worker} was lost while running this task, on every try."
-        case TaskStatus.TIMEOUT:
-            return "The task ran past its timeout (--timeout) on every try."
-        case TaskStatus.CRASHED:
-            return f"The process running this task on {worker} died."
-        case TaskStatus.CANCELLED:
-            return "Cancelled."
-    return f"Task ended with status {status.name}."
