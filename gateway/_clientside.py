@@ -96,6 +96,7 @@ class ClientSide:
         """Store or fetch a blob (shipped files, result files) for a client or a worker."""
         blobs = self.store.blobs
         if isinstance(msg, PutBlob):
+            self.counters["blob_puts"] += 1
             digest = blobs.put(msg.data)
             if digest != msg.digest:
                 blobs.path(digest).unlink(missing_ok=True)

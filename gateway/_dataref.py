@@ -148,6 +148,7 @@ def resolve(
     # Validate before touching the network: a typo in NAME or MODE should not cost a listing.
     DataRef(name, url, (), mode, options or None)
     fs, path = _filesystem(url, options)
+    fs.invalidate_cache()  # fsspec keeps listings per filesystem instance: list afresh
     try:
         files = _list_files(fs, path)
     except FileNotFoundError as exc:

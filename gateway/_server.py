@@ -257,6 +257,7 @@ class Gateway(ClientSide, WorkerSide, Instructions):
 
     def _receive(self, frames: list[zmq.Frame], handle: Any) -> None:
         ident = frames[0].bytes
+        self.counters["bytes_in"] += sum(len(f) for f in frames)  # to show what we relay
         codec = self._client_codec if handle == self._on_client else self._worker_codec
         try:
             env = codec.decode(frames[1:])
@@ -332,6 +333,7 @@ class Gateway(ClientSide, WorkerSide, Instructions):
         except MessageTooLarge as exc:
             log.error("could not send %s: %s", type(msg).__name__, exc)
             return
+        self.counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
         try:
             send_frames(sock, [ident, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone (ROUTER_MANDATORY)

@@ -95,7 +95,13 @@ class Codec:
         if isinstance(key, str):
             key = bytes.fromhex(key)
         self._key = key
-        self._mac = hmac.new(key, digestmod=hashlib.sha256) if key is not None else None
+        # HMAC-SHA256 (RFC 2104) with the key schedule done once: each message copies the two
+        # keyed hash states (cheaper than hmac.new, or HMAC.copy, per message).
+        self._inner = self._outer = None
+        if key is not None:
+            block = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+            self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+            self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
         self.max_message_bytes = max_message_bytes
         self.replay_window_s = replay_window_s
         self._accept = frozenset(accept) if accept is not None else None
@@ -177,14 +183,16 @@ class Codec:
         return msgpack.ExtType(_EXT_PAYLOAD, self._pack((inline, start, len(out))))
 
     def _sign(self, header: Any, body: Any, digests: Sequence[bytes]) -> bytes:
-        if self._mac is None:
+        if self._inner is None or self._outer is None:
             return b""
-        mac = self._mac.copy()  # keyed once: a copy skips the key schedule
-        mac.update(header)
-        mac.update(body)
+        inner = self._inner.copy()
+        inner.update(header)
+        inner.update(body)
         for d in digests:
-            mac.update(d)
-        return mac.hexdigest().encode()
+            inner.update(d)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest().encode()
 
     # -- decode ---------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     wk.add_argument("--tags", default="")
     wk.add_argument("--name", default=None)
     wk.add_argument("--cache-size", default="20GB")
+    wk.add_argument("--cache-dir", type=Path, default=None, help="default $PILOT_HOME/cache/NAME")
     wk.set_defaults(run=_worker)
 
     st = sub.add_parser("status", help="workers and running jobs")
@@ -193,9 +194,11 @@ def _worker(args: argparse.Namespace) -> int:
             "connection.json) or --connect tcp://HOST:PORT (its worker port, with PILOT_KEY "
             "set), or start one here with `pilot up`."
         ) from None
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     settings = WorkerSettings(
         connection=connection,
-        name=args.name or f"{socket.gethostname()}-{os.getpid()}",
+        name=name,
+        cache_dir=args.cache_dir or default_home() / "cache" / name,
         slots=args.slots,
         tags=tuple(t for t in args.tags.split(",") if t),
         cache_bytes=parse_size(args.cache_size),

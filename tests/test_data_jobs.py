@@ -143,7 +143,7 @@ def test_file_vanishing_mid_job_fails_only_its_items(client: pilot.Client, s3: S
     fs.pipe("frames/extra/b.png", b"b")
     gate = client.map(hold, [1.0, 1.0], chunk=1)  # both workers busy: the next job waits
     job = client.map(
-        read_shard, range(2), chunk=1, data={"images": "s3://frames/extra/*.png"}, retries=0
+        count_all, range(2), chunk=1, data={"images": "s3://frames/extra/*.png"}, retries=0
     )
     fs.rm("frames/extra/b.png")
     gate.wait(60)

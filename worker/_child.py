@@ -34,6 +34,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -41,11 +42,13 @@ import zmq
 from gateway import Codec, Payload, dumps, loads
 from gateway import _cell as _cell_module
 from gateway._drain import readable, recv_frames, send_frames
-from gateway._messages import Assign, Goodbye, Heartbeat, Outputs, TaskResult, TaskResults
+from gateway._messages import Assign, Goodbye, Heartbeat, Outputs, PutBlob, TaskResult, TaskResults
 from gateway._messages import TaskStatus as S
 from worker._capture import Capture
 from worker._control import Control
 from worker._display import install_display
+from worker._orphan import die_with_parent
+from worker._taskdata import TaskFiles
 
 FUNCTION_CACHE = 64
 PARENT_CHECK_S = 1.0  # while idle, how often to check that the worker is still there
@@ -54,7 +57,7 @@ _HIDDEN = {os.path.abspath(__file__), os.path.abspath(_cell_module.__file__)}
 
 
 class _TaskProcess:
-    def __init__(self, url: str, identity: bytes, control: str) -> None:
+    def __init__(self, url: str, identity: bytes, control: str, files: tuple[Path, int]) -> None:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.ROUTING_ID, identity)
@@ -75,6 +78,7 @@ class _TaskProcess:
         self._ppid = os.getppid()
         self.capture = Capture(self._emit, self._emit_results)
         self._fns: OrderedDict[str, Any] = OrderedDict()
+        self._files = TaskFiles(files[0], files[1], self._put_blob)
         self._seq = 0  # tasks received so far (the worker counts the same way)
         self._running = 0  # the sequence number of the task whose code runs now
 
@@ -104,6 +108,11 @@ class _TaskProcess:
                         break
             if not ready and os.getppid() != self._ppid:
                 os._exit(0)  # the worker is gone: nobody will ever send us a task
+
+    def _put_blob(self, digest: str, payload: Payload) -> None:
+        """A result file, to the gateway's blob store (the worker forwards it, ahead of the
+        task's result)."""
+        self._send(PutBlob(digest, payload))
 
     def _emit(self, outputs: list[Any]) -> None:
         outputs = [o for o in outputs if o.job_id]  # between tasks: nobody to tell
@@ -164,15 +173,8 @@ class _TaskProcess:
             self._running = seq
             if self._control.cancelled(seq):  # flagged before the handler could see it run
                 raise KeyboardInterrupt
-            if mode == "map":
-                items, start = args
-                value = []
-                for k, item in enumerate(items):
-                    self.capture.label = (a.job_id, a.index, start + k)
-                    value.append(fn(item))
-            else:
-                fargs, fkwargs = args
-                value = fn(*fargs, **fkwargs)
+            with self._task_files(a) as files:
+                value = self._call(a, mode, fn, args)
         except KeyboardInterrupt:
             self._running = 0
             return self._fail(a, S.CANCELLED, "Interrupted", t0, show_tb=False)
@@ -186,7 +188,27 @@ class _TaskProcess:
             payload: Payload = dumps(value, what="the result")
         except Exception as exc:
             return self._fail(a, S.UNPICKLABLE, str(exc), t0, show_tb=False)
-        return TaskResult(a.job_id, a.index, a.attempt, int(S.OK), payload, "", _since(t0))
+        return TaskResult(
+            a.job_id, a.index, a.attempt, int(S.OK), payload, "", _since(t0), files=tuple(files)
+        )
+
+    def _call(self, a: Any, mode: str, fn: Any, args: Any) -> Any:
+        if mode != "map":
+            fargs, fkwargs = args
+            return fn(*fargs, **fkwargs)
+        items, start = args
+        value = []
+        with_data = bool(a.meta.get("data"))
+        for k, item in enumerate(items):
+            self.capture.label = (a.job_id, a.index, start + k)
+            if with_data:  # --data: this item's shard of each dataset, by name
+                value.append(fn(item, **self._files.datasets(a.meta, start + k)))
+            else:
+                value.append(fn(item))
+        return value
+
+    def _task_files(self, a: Any) -> contextlib.AbstractContextManager[list[Any]]:
+        return self._files.task(a.job_id, a.index, a.meta)
 
     def _fail(self, a: Any, status: S, headline: str, t0: float, show_tb: bool = True) -> Any:
         text = headline
@@ -227,8 +249,11 @@ def _format_exception(etype: Any, value: Any, tb: Any) -> str:
 
 
 def main(argv: list[str]) -> None:
+    die_with_parent()
     url, identity, control = argv[1], argv[2].encode(), argv[3]
-    _TaskProcess(url, identity, control).serve()
+    # The worker's disk cache, shared by its task processes (set by the worker: the edge).
+    files = (Path(os.environ["PILOT_CACHE_DIR"]), int(os.environ["PILOT_CACHE_BYTES"]))
+    _TaskProcess(url, identity, control, files).serve()
     os._exit(0)  # daemon threads and inherited fds: leave without ceremony
 
 

@@ -28,8 +28,10 @@ import enum
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -39,11 +41,13 @@ from gateway._drain import Drain, send_frames
 from gateway._messages import (
     Assign,
     Assignment,
+    BlobReply,
     CancelTasks,
     Goodbye,
     Heartbeat,
     Output,
     Outputs,
+    PutBlob,
     Refused,
     TaskAttempt,
     TaskInput,
@@ -57,6 +61,7 @@ from gateway._messages import (
 from worker._devices import cpu_count, detect_gpus, memory_bytes
 from worker._pool import Child, TaskPool
 from worker._sessions import SessionHost
+from worker._shipped import BlobFetcher
 
 __all__ = ["Worker"]
 
@@ -88,7 +93,14 @@ class Worker:
         self._ctx = zmq.Context()
         self._codec = Codec(settings.connection.key, max_message_bytes=settings.max_message_bytes)
         self._local = Codec(None, max_message_bytes=settings.max_message_bytes)
-        self.pool = TaskPool(self._ctx, settings.slots, on_exit=self._child_exited, env=env)
+        self.cache_dir = settings.cache_dir or Path(tempfile.mkdtemp(prefix="pilot-cache-"))
+        child_env = {
+            **(env if env is not None else os.environ),
+            "PILOT_CACHE_DIR": str(self.cache_dir),  # the task processes' shared disk cache
+            "PILOT_CACHE_BYTES": str(settings.cache_bytes),
+        }
+        self.pool = TaskPool(self._ctx, settings.slots, on_exit=self._child_exited, env=child_env)
+        self.blobs = BlobFetcher(self.cache_dir, self._send_gateway, self._blobs_arrived)
         self.sessions = SessionHost(
             self.pool.url,
             self._send_child,
@@ -260,11 +272,14 @@ class Worker:
                     if a.fn is not None:
                         self._remember_fn(a.fn_key, a.fn)
                     self._holding[(a.job_id, a.index)] = a
-                    self._queue.append(a)
+                    if not self.blobs.hold(a):  # its shipped files are here: it can run
+                        self._queue.append(a)
             case CancelTasks(attempts=attempts):
                 self._cancel(attempts)
             case TaskInput():
                 self.sessions.input(msg)
+            case BlobReply():
+                self.blobs.arrived(msg)
             case Refused(reason=reason, retry=True):
                 # Every message we sent before it knew us is refused: say hello once.
                 if time.monotonic() - self._hello_at > self.settings.timeouts.heartbeat_interval_s:
@@ -375,6 +390,18 @@ class Worker:
             case TaskResults(results=results):
                 for r in results:
                     self._finish(child, r)
+            case PutBlob():  # a result file: to the gateway now, ahead of the task's result
+                self._send_gateway(msg)
+
+    def _blobs_arrived(self, ready: list[Assignment], failed: list[tuple[Assignment, str]]) -> None:
+        """Shipped files fetched: their tasks join the queue (or fail, if a blob is gone)."""
+        self._queue.extend(ready)
+        for a, why in failed:
+            self._holding.pop((a.job_id, a.index), None)
+            self._results.append(
+                TaskResult(a.job_id, a.index, a.attempt, int(TaskStatus.ERROR), None, why)
+            )
+        self._end_turn()
 
     def _finish(self, child: Child, result: TaskResult) -> None:
         """A result from ``child``: results come in the order its tasks were sent."""
