@@ -77,6 +77,7 @@ class TaskStatus(enum.IntEnum):
     TIMEOUT = 4
     LOST = 5  # the worker running it went away
     UNPICKLABLE = 6  # its arguments could not be loaded or its result not pickled
+    MISSING_FUNCTION = 7  # the worker no longer had the job's function: send it again
 
 
 class Status(enum.IntEnum):

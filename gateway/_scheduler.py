@@ -299,6 +299,9 @@ class Scheduler:
                 if len(self._family_mean) > FAMILIES_KEPT:
                     del self._family_mean[next(iter(self._family_mean))]
             self._final(job, t, TaskStatus.OK, ev.attempt, ev.worker)
+        elif current and t.state is _T.OUT and ev.status == TaskStatus.MISSING_FUNCTION:
+            self._release(job, t)  # a cache miss, not a failure: again, with the function
+            self._requeue(job, t)
         elif current and t.state is _T.OUT:
             self._attempt_failed(job, t, ev.worker, ev.status, self.workers.get(ev.worker))
 

@@ -62,6 +62,10 @@ class WorkerSide:
             case TaskResults(results=results, started=attempts):
                 self._tasks_started(name, attempts, now)  # starts first: they came first
                 for r in results:
+                    if r.status == TaskStatus.MISSING_FUNCTION and w is not None:
+                        job = self._jobs.get(r.job_id)
+                        if job is not None:  # its cache dropped it: the next assignment sends it
+                            w.fns.discard(job.spec.fn_key)
                     started = self._started_at.pop((r.job_id, r.index, r.attempt), 0.0)
                     self.store.attempt_ended(
                         r.job_id, r.index, r.attempt, r.status, r.error, started

@@ -216,3 +216,14 @@ def test_unschedulable_request_fails_at_once_listing_workers(client: pilot.Clien
     with pytest.raises(pilot.JobError, match="No connected worker can run this job"):
         job.wait(30)
     assert "local-0: 1 slots, 0 GPUs" in job.error
+
+
+def test_many_distinct_functions_then_an_early_one_again(client: pilot.Client) -> None:
+    """More functions than any cache holds: an evicted one is sent again, not failed."""
+    fns = [eval(f"lambda x: x + {k}") for k in range(200)]
+    for k, fn in enumerate(fns):
+        assert client.submit(fn, 1).result(30) == 1 + k
+    again = client.submit(fns[0], 1)
+    assert again.result(30) == 1
+    assert again._done[0].attempts == 2, "the first attempt found the function evicted"
+    assert client.map(fns[3], [1, 2], chunk=1).results == [4, 5]

@@ -167,6 +167,8 @@ class _TaskProcess:
         try:
             fn = self._function(a.fn_key, a.fn, a.meta)
             args = loads(a.args)
+        except _MissingFunction as exc:  # the worker sends it with the task's next attempt
+            return self._fail(a, S.MISSING_FUNCTION, str(exc), t0, show_tb=False)
         except Exception:
             return self._fail(a, S.UNPICKLABLE, "Could not load the task on the worker", t0)
         try:
@@ -225,7 +227,7 @@ class _TaskProcess:
             self._fns.move_to_end(key)
             return found
         if fn is None:
-            raise LookupError(f"function {key} was never sent to this process")
+            raise _MissingFunction(f"function {key} is not in this process (evicted)")
         source, filename = meta.get("source"), meta.get("filename")
         if source and filename:  # so tracebacks show the notebook cell's lines
             linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -233,6 +235,10 @@ class _TaskProcess:
         if len(self._fns) > FUNCTION_CACHE:
             self._fns.popitem(last=False)
         return found
+
+
+class _MissingFunction(LookupError):
+    """The task came without its function and this process no longer has it."""
 
 
 def _since(t0: float) -> float:

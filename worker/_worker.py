@@ -420,6 +420,8 @@ class Worker:
             mean = self._durations.get(task.fn_key)
             d = result.duration_s
             self._durations[task.fn_key] = d if mean is None else 0.8 * mean + 0.2 * d
+        if result.status == TaskStatus.MISSING_FUNCTION:
+            child.fns.discard(task.fn_key)
         self._holding.pop((task.job_id, task.index), None)
         self._results.append(result)
         if not child.tasks:
@@ -522,8 +524,9 @@ class Worker:
         for a in batch:
             fn = None
             if a.fn_key not in child.fns:
-                fn = self._fns.get(a.fn_key)
-                child.fns.add(a.fn_key)
+                fn = self._fns.get(a.fn_key)  # None if evicted: the process says so, and
+                if fn is not None:  # the gateway sends it again with the next attempt
+                    child.fns.add(a.fn_key)
             if fn is not a.fn:
                 a = Assignment(
                     a.job_id,
