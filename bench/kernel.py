@@ -40,6 +40,9 @@ def main() -> None:
             local = stock.timed(cell, args.repeat)
             ours_local = ours.timed(cell, args.repeat)
             ours.run("%pilot remote")
+            pid = int(ours.run("import os; print(os.getpid())")["stdout"])
+            if pid == ours.km.provisioner.process.pid:
+                raise RuntimeError("the 'remote' cells ran in the kernel itself")
             remote = ours.timed(cell, args.repeat)
         finally:
             stock.close()
