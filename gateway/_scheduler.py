@@ -385,7 +385,8 @@ class Scheduler:
             self._active.rotate(-1)
             if not self._fits(w, job, allow_prefetch) or self._kept_off(w, job):
                 continue
-            index = self._pop_task_for(job, w)
+            prefetching = w.used_slots + job.cost > w.slots
+            index = self._pop_task_for(job, w, prefetching)
             if index is None:
                 continue
             t = job.tasks[index]
@@ -432,12 +433,13 @@ class Scheduler:
             for x in self.workers.values()
         )
 
-    def _pop_task_for(self, job: _Job, w: _Worker) -> int | None:
+    def _pop_task_for(self, job: _Job, w: _Worker, prefetching: bool = False) -> int | None:
         """The queued task that should run on ``w``. Retries avoid the workers they failed on
         while another fitting worker exists. With data keys, ``w`` first takes a task whose
         data it read last (its cache has it), then one nobody has read, and only then one
-        another live worker has cached (work beats locality when the queue has nothing else).
-        """
+        another live worker has cached (work beats locality when the queue has nothing else),
+        but not to prefetch: a worker with no free slot leaves those to the worker that has
+        their data."""
         home = self._data_home
         best: tuple[int, int] | None = None  # (rank, position): lower is better
         for pos, index in enumerate(job.queue):
@@ -449,6 +451,8 @@ class Scheduler:
                 break
             where = home.get(job.data_keys[index])
             rank = 0 if where == w.name else 1 if where not in self.workers else 2
+            if rank == 2 and prefetching:
+                continue
             if best is None or rank < best[0]:
                 best = (rank, pos)
             if rank == 0 or pos >= LOCALITY_SCAN:

@@ -89,8 +89,8 @@ class WorkerSide:
             case Goodbye(handed_back=handed_back, final=final):
                 self._apply(self.scheduler.handle(sch.WorkerDraining(name, now, handed_back)))
                 if final:
+                    self._workers.pop(name, None)  # left, not lost: nothing to warn about
                     self._apply(self.scheduler.handle(sch.WorkerLeft(name, now, TaskStatus.LOST)))
-                    self._workers.pop(name, None)
                     log.info("worker %s left", name)
                 else:
                     log.info("worker %s is draining", name)

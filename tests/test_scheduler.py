@@ -287,3 +287,17 @@ def test_without_data_keys_the_queue_order_holds() -> None:
     out = s.handle(JobAdded("j", 3, CPU, 0.0))
     assert assigns(out) == [("w1", "j", 0, 1)]
     assert assigns(finish(s, "w1", "j", 0)) == [("w1", "j", 1, 1)]
+
+
+def test_prefetch_does_not_take_data_another_live_worker_has_cached() -> None:
+    s = sched(prefetch=4)
+    join(s, "w0")
+    join(s, "w1")
+    keys = tuple(f"shard-{i}" for i in range(8))
+    home = ["w0", "w1", "w0", "w0", "w0", "w0", "w1", "w1"]  # a 5/3 split from a cold run
+    for i, w in enumerate(home):
+        s._data_home[keys[i]] = w
+    out = s.handle(JobAdded("b", 8, CPU, 0.0, data_keys=keys))
+    out += finish(s, "w0", "b", 0)  # the busier worker finishes first
+    for w, _, i, _ in assigns(out):
+        assert home[i] == w, f"task {i} (data on {home[i]}) was prefetched by {w}"
