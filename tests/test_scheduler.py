@@ -290,14 +290,18 @@ def test_without_data_keys_the_queue_order_holds() -> None:
 
 
 def test_prefetch_does_not_take_data_another_live_worker_has_cached() -> None:
-    s = sched(prefetch=4)
+    s = sched(prefetch=4, prefetch_max_task_s=0.5)
     join(s, "w0")
     join(s, "w1")
     keys = tuple(f"shard-{i}" for i in range(8))
     home = ["w0", "w1", "w0", "w0", "w0", "w0", "w1", "w1"]  # a 5/3 split from a cold run
     for i, w in enumerate(home):
         s._data_home[keys[i]] = w
-    out = s.handle(JobAdded("b", 8, CPU, 0.0, data_keys=keys))
-    out += finish(s, "w0", "b", 0)  # the busier worker finishes first
-    for w, _, i, _ in assigns(out):
+    s._family_mean["f"] = 2.0  # the cold run was slow: the rerun starts without prefetch
+    out = s.handle(JobAdded("b", 8, CPU, 0.0, data_keys=keys, family="f"))
+    assert len(assigns(out)) == 2, "one task per worker: no prefetch yet"
+    out = finish(s, "w0", "b", 0, duration=0.01)  # cached now: fast, so prefetch opens
+    placed = assigns(out)
+    assert placed, "w0 takes more work"
+    for w, _, i, _ in placed:
         assert home[i] == w, f"task {i} (data on {home[i]}) was prefetched by {w}"
