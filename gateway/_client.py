@@ -176,11 +176,12 @@ class AsyncClient:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
+        fresh = not any(spec.job_id in self._unacked for spec, _ in batch)  # none re-sent
         specs = []
         for spec, args in batch:
             self._unacked[spec.job_id] = (spec, args)
             specs.append(self._with_fn(spec))
-        self._send(Submit(tuple(specs), tuple(args for _, args in batch)))
+        self._send(Submit(tuple(specs), tuple(args for _, args in batch), fresh))
 
     def _with_fn(self, spec: JobSpec) -> JobSpec:
         """Carry the function only the first time the gateway sees its key."""

@@ -53,8 +53,8 @@ class ClientSide:
                 s = self.settings.timeouts
                 welcome = Welcome(self.gateway_id, s.heartbeat_interval_s, s.heartbeat_timeout_s)
                 self._to_clients[ident].append(welcome)
-            case Submit(jobs=jobs, tasks=tasks):
-                self._submit(ident, jobs, tasks)
+            case Submit(jobs=jobs, tasks=tasks, fresh=fresh):
+                self._submit(ident, jobs, tasks, fresh)
             case CancelJob(job_id=job_id):
                 self._apply(self.scheduler.handle(sch.JobCancel(job_id, time.monotonic())))
             case AttachJob():
@@ -107,10 +107,14 @@ class ClientSide:
         except FileNotFoundError:
             return BlobReply(msg_id, msg.digest, False, error=f"no blob {msg.digest} here")
 
-    def _submit(self, ident: bytes, jobs: tuple[JobSpec, ...], tasks: Any) -> None:
+    def _submit(
+        self, ident: bytes, jobs: tuple[JobSpec, ...], tasks: Any, fresh: bool = False
+    ) -> None:
         now = time.monotonic()
         accepted = []
-        stored = self.store.known_jobs([s.job_id for s in jobs if s.job_id not in self._jobs])
+        stored: set[str] = set()
+        if not fresh:  # it may be a re-sent submit: look for its jobs in the store
+            stored = self.store.known_jobs([s.job_id for s in jobs if s.job_id not in self._jobs])
         for spec, args in zip(jobs, tasks, strict=True):
             accepted.append(spec.job_id)
             if spec.job_id in self._jobs or spec.job_id in stored:

@@ -74,27 +74,30 @@ class Drain:
         self._max_batch = max_batch
         self._loop = asyncio.get_running_loop()
         self._scheduled = False
+        self._closed = False
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._turn)
         self.kick()
 
     def kick(self) -> None:
         """Schedule a turn if messages wait (call after sending on the socket)."""
-        if not self._scheduled and self.sock.getsockopt(_EVENTS) & _POLLIN:
+        if not self._scheduled and not self._closed and self.sock.getsockopt(_EVENTS) & _POLLIN:
             self._scheduled = True
             self._loop.call_soon(self._turn)
 
     def _turn(self) -> None:
         self._scheduled = False
+        if self._closed:
+            return
         sock = self.sock
         for _ in range(self._max_batch):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
+            # Asking first is cheaper than the exception a receive raises when nothing waits.
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
                 break
-            self._handle(frames)
+            self._handle(recv_frames(sock))
         self._end_turn()
         self.kick()
 
     def close(self) -> None:
+        self._closed = True
         self._loop.remove_reader(self._fd)

@@ -318,10 +318,13 @@ class ErrorReply:
 
 @dataclass(frozen=True, slots=True)
 class Submit:
-    """New jobs with their tasks. ``tasks[i]`` holds the argument payloads of ``jobs[i]``."""
+    """New jobs with their tasks. ``tasks[i]`` holds the argument payloads of ``jobs[i]``.
+    ``fresh``: none of these jobs was sent before (so the gateway need not look them up in its
+    store in case this is a re-sent submit)."""
 
     jobs: tuple[JobSpec, ...]
     tasks: tuple[tuple[Payload, ...], ...]
+    fresh: bool = False
 
 
 @dataclass(frozen=True, slots=True)

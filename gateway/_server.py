@@ -4,11 +4,11 @@
 unfinished jobs and starts its loops in a TaskGroup it owns; leaving stops them and closes
 everything. ``ready`` is set once the connection file is written.
 
-A loop turn drains every message waiting on a socket, feeds the scheduler, sends the turn's
-assignments to workers, commits the state (group commit), and only then sends to clients: a
-result reaches a client only after it is on disk, and many results of one turn travel in one
-message. (An assignment leaves before its commit, so the commit overlaps the task's first hop;
-a crash in between can only make that task run again, and its result is still recorded once.)
+A loop turn drains every message waiting on a socket, feeds the scheduler, commits the state
+(group commit), and only then sends what the turn produced, workers first: a result reaches a
+client only after it is on disk, an assignment reaches a worker only after its attempt is (a
+restarted gateway numbers attempts from what it finds on disk), and many results of one turn
+travel in one message.
 """
 
 from __future__ import annotations
@@ -294,6 +294,7 @@ class Gateway(ClientSide, WorkerSide, Instructions):
             self._end_turn(acks=True)
 
     def _end_turn(self, acks: bool = False) -> None:
+        self.store.flush()
         for ident, done in self._client_done.items():
             self._to_clients[ident].insert(0, TaskEvents(tuple(done)))
         for ident, outs in self._client_outputs.items():
@@ -319,7 +320,7 @@ class Gateway(ClientSide, WorkerSide, Instructions):
             for msg in msgs:
                 self._send_raw(self._workers_sock, self._worker_codec, w.ident, msg)
         self._to_workers.clear()
-        self.store.flush()  # before anything reaches a client
+        # Workers first: an assignment is on the critical path, an acknowledgement is not.
         for ident, msgs in self._to_clients.items():
             for msg in _coalesce(msgs):
                 self._send_raw(self._clients_sock, self._client_codec, ident, msg)

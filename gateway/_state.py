@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from gateway._blobs import BlobStore, pack_payload, unpack_payload
+from gateway._errors import ConfigError
 from gateway._messages import JobInfo, JobSpec, Output, Payload, Resources, Status, TaskDone
 
 __all__ = ["StateStore", "UnfinishedJob"]
@@ -81,12 +82,26 @@ class StateStore:
         self.blobs = blobs
         self.inline_bytes = inline_bytes
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # Small pages: a commit writes every page it touched to the log, and a turn touches
-        # a few rows in a few tables (only a new database takes this; it is then fixed).
-        self._db.execute("PRAGMA page_size=1024")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        try:
+            # Small pages: a commit writes every page it touched to the log, and a turn
+            # touches a few rows in a few tables (only a new database takes this).
+            self._db.execute("PRAGMA page_size=1024")
+            # One process owns the database and keeps it locked: no file locks per
+            # transaction, no shared-memory index (set before WAL mode is entered), and a
+            # second gateway on the same state directory fails (after the busy timeout, 5 s)
+            # instead of racing the first.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)  # writes: takes the lock now
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            if "locked" not in str(exc):
+                raise
+            raise ConfigError(
+                f"The state in {path.parent} is in use by another gateway (its database is "
+                "locked). Stop that gateway, or give this one another --state directory."
+            ) from exc
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
         # jobs that started running since the last flush; a job that also ended meanwhile
         # needs one write, not two (short jobs start and end within one turn)

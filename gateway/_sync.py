@@ -167,6 +167,7 @@ class Client:
         for spec, args, job in batch:
             state = self._async.submit_nowait(spec, args)
             state.listener = job._on_event
+        self._async._flush()  # now, not in the next loop iteration: one wake-up less a submit
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Job:
         """Run ``fn(*args, **kwargs)`` on a worker. Returns at once; ``job.result()`` waits.

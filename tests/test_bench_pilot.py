@@ -1,0 +1,61 @@
+"""Smoke test for the benchmark's Parallel Pilot backend and script (tiny sizes; nothing is
+timed against a bound: the figures only have to exist and be positive)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numpy")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import _baselines as B  # noqa: E402
+from bench._pilot_backend import Pilot  # noqa: E402
+
+pytestmark = pytest.mark.system
+
+
+@pytest.mark.timeout(120)
+def test_pilot_backend_runs_every_workload() -> None:
+    with Pilot(n_workers=2, start_timeout=60, task_timeout=60) as backend:
+        assert backend.startup_s is not None and backend.startup_s > 0
+        assert len(backend.pids) == 3  # the gateway and two workers
+        figures = {name: getattr(backend, name)(**kw) for name, kw in B.TINY_SIZES.items()}
+    assert backend.pids == []
+    for name, figs in figures.items():
+        for key, value in figs.items():
+            assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (
+                name,
+                key,
+                value,
+            )
+
+
+@pytest.mark.timeout(180)
+def test_throughput_script_writes_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    script = str(ROOT / "bench" / "throughput.py")
+    done = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(out), "--backends", "raw_zmq,pilot"],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ratio to raw pyzmq" in done.stdout
+    assert "Parallel Pilot against its targets" in done.stdout
+    data = json.loads(out.read_text())
+    assert [r["backend"] for r in data["summary"]] == ["raw_zmq", "pilot"]
+    pilot = next(r for r in data["results"] if r["backend"] == "pilot")
+    assert "error" not in pilot, pilot.get("error")
+    for workload in ("startup", *B.DEFAULT_SIZES):
+        assert workload in pilot
+    assert {t["figure"] for t in data["targets"]} >= {"noop tasks/s", "startup s"}
