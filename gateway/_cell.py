@@ -36,10 +36,12 @@ class CellFunction:
     bind: tuple[str, ...] = ()
     constants: dict[str, Any] = field(default_factory=dict)
     _code: tuple[CodeType, CodeType | None] | None = field(default=None, repr=False)
+    _base: dict[str, Any] | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_code"] = None  # code objects are compiled where they run
+        state["_base"] = None  # and the namespace is built there, once
         return state
 
     def _compiled(self) -> tuple[CodeType, CodeType | None]:
@@ -68,9 +70,13 @@ class CellFunction:
 
     def __call__(self, item: Any = None, **data: Any) -> Any:
         """Run the cell for ``item``; ``data`` are the datasets (``--data NAME=URL``) the
-        worker bound for this item, by name."""
+        worker bound for this item, by name. Each item gets a fresh copy of the namespace
+        (built once per process: modules imported, values unpickled), so items never see
+        each other's names."""
         body, last = self._compiled()
-        ns = self.namespace()
+        if self._base is None:
+            self._base = self.namespace()
+        ns = dict(self._base)
         ns.update(data)
         if self.bind:
             ns[self.bind[0]] = item
