@@ -172,7 +172,7 @@ class ClientSide:
         if job is None:  # finished: say so after the replay
             self._to_clients[ident].append(JobUpdate(msg.job_id, int(state), error))
 
-    def _answer_status_waiters(self, deadline_passed: bool = False) -> None:
+    def _answer_status_waiters(self) -> None:
         if not self._status_waiters:
             return
         now = time.monotonic()

@@ -60,8 +60,12 @@ class JobData:
         that is not installed fails here, before any task starts (``DataError``)."""
         refs = []
         for name, url in (data or {}).items():
-            ref = url if isinstance(url, DataRef) else resolve(
-                name, url, mode=mode, storage_options=dict(storage_options or {}) or None
+            ref = (
+                url
+                if isinstance(url, DataRef)
+                else resolve(
+                    name, url, mode=mode, storage_options=dict(storage_options or {}) or None
+                )
             )
             if ref.has_secrets:
                 raise ConfigError(
@@ -146,4 +150,3 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-

@@ -146,13 +146,6 @@ class Scheduler:
         t = job.tasks[index]
         return t.worker if t.state is _T.OUT else None
 
-    def job_counts(self, job_id: str) -> tuple[int, int, int]:
-        """(tasks, unsettled, failed) of a job the scheduler still tracks."""
-        j = self.jobs[job_id]
-        return len(j.tasks), j.unsettled, j.failed
-
-    # -- jobs -----------------------------------------------------------------------------
-
     def _job_added(self, ev: JobAdded) -> None:
         job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, [], family=ev.family)
         job.data_keys = ev.data_keys

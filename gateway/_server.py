@@ -290,7 +290,7 @@ class Gateway(ClientSide, WorkerSide, Instructions):
             now = time.monotonic()
             self._apply(self.scheduler.handle(sch.Tick(now)))
             self._expire_leases(now)
-            self._answer_status_waiters(deadline_passed=True)
+            self._answer_status_waiters()
             self._end_turn(acks=True)
 
     def _end_turn(self, acks: bool = False) -> None:

@@ -332,11 +332,10 @@ class StateStore:
             result.append(Output(job_id, idx, item, kind, data, extra))
         return result
 
-    def jobs(self, limit: int = 50, unfinished_only: bool = False) -> list[JobInfo]:
-        where = f"WHERE state < {int(Status.DONE)}" if unfinished_only else ""
+    def jobs(self, limit: int = 50) -> list[JobInfo]:
         rows = self._db.execute(
             "SELECT id, name, state, n_tasks, done, failed, created, finished, error FROM jobs "
-            f"{where} ORDER BY created DESC LIMIT ?",
+            "ORDER BY created DESC LIMIT ?",
             (limit,),
         ).fetchall()
         return [

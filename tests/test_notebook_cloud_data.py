@@ -8,9 +8,6 @@ the notebook's kernel (it lists and writes the demo data with its own).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +15,8 @@ import pytest
 import s3fs
 from s3server import s3_server
 from test_notebooks import NOTEBOOKS, run_notebook
+
+from tests_support import pilot_up
 
 pytestmark = pytest.mark.system
 
@@ -33,27 +32,10 @@ def pilot_up_with_s3(tmp_path_factory) -> Iterator[dict[str, str]]:
             **os.environ,
             **server.env(),
             "PILOT_HOME": str(home),
-            "PILOT_LOG_LEVEL": "WARNING",
             "PILOT_DEMO_BUCKET": BUCKET,
         }
-        env.pop("PILOT_CONNECT", None)
-        up = subprocess.Popen([sys.executable, "-m", "pilot", "up", "--workers", "2"], env=env)
-        try:
-            ready = subprocess.run(
-                [sys.executable, "-m", "pilot", "status", "--wait-workers", "2", "--timeout", "60"],
-                env=env,
-                capture_output=True,
-                timeout=90,
-            )
-            assert ready.returncode == 0, ready.stderr
-            yield env
-        finally:
-            up.send_signal(signal.SIGINT)
-            try:
-                up.wait(30)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait(10)
+        with pilot_up(env) as ready_env:
+            yield ready_env
 
 
 def test_cloud_data_notebook(pilot_up_with_s3: dict[str, str], tmp_path: Path) -> None:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from tests_support import pilot_up as running_pilot_up
 
 pytestmark = pytest.mark.system
 
@@ -21,20 +20,8 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 @pytest.fixture(scope="module")
 def pilot_up(tmp_path_factory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "PILOT_HOME": str(home), "PILOT_LOG_LEVEL": "WARNING"}
-    up = subprocess.Popen([sys.executable, "-m", "pilot", "up", "--workers", "2"], env=env)
-    try:
-        ready = subprocess.run(
-            [sys.executable, "-m", "pilot", "status", "--wait-workers", "2", "--timeout", "60"],
-            env=env,
-            capture_output=True,
-            timeout=90,
-        )
-        assert ready.returncode == 0, ready.stderr
+    with running_pilot_up({**os.environ, "PILOT_HOME": str(home)}) as env:
         yield env
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(30)
 
 
 def run_notebook(path: Path, env: dict[str, str], kernel_name: str = "python3") -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -93,3 +97,29 @@ class Execution:
         errors = self.of("error")
         assert errors, f"no error; messages: {[m['msg_type'] for m in self.messages]}"
         return errors[0]["content"]
+
+
+@contextlib.contextmanager
+def pilot_up(env: dict[str, str], workers: int = 2) -> Iterator[dict[str, str]]:
+    """`pilot up` as a subprocess with ``env``, ready (workers registered) on entry, stopped
+    with Ctrl-C (then killed past a deadline) on exit."""
+    env = {**env, "PILOT_LOG_LEVEL": "WARNING"}
+    env.pop("PILOT_CONNECT", None)
+    up = subprocess.Popen([sys.executable, "-m", "pilot", "up", "--workers", str(workers)], env=env)
+    try:
+        wait = ["status", "--wait-workers", str(workers), "--timeout", "60"]
+        ready = subprocess.run(
+            [sys.executable, "-m", "pilot", *wait],
+            env=env,
+            capture_output=True,
+            timeout=90,
+        )
+        assert ready.returncode == 0, ready.stderr
+        yield env
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(10)
