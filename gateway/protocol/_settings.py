@@ -1,0 +1,175 @@
+"""Settings as values, and the connection file.
+
+Settings are frozen dataclasses built once at the edge (the CLI, ``PILOT_*`` environment
+variables, the connection file) and passed down. Nothing below this module reads
+``os.environ``.
+
+The connection file (``$PILOT_HOME/connection.json``, mode 0600) is written by the gateway once
+its sockets are bound; every client and local worker finds the gateway through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from gateway.protocol._errors import ConfigError, NoGateway
+from gateway.protocol._policy import SchedulingPolicy
+
+__all__ = [
+    "ConnectionInfo",
+    "GatewaySettings",
+    "Timeouts",
+    "WorkerSettings",
+    "default_home",
+    "find_connection",
+    "new_key",
+]
+
+CONNECTION_FILE_NAME = "connection.json"
+
+
+def default_home(env: Mapping[str, str] | None = None) -> Path:
+    """``$PILOT_HOME``, or ``~/.pilot``."""
+    env = os.environ if env is None else env
+    return Path(env.get("PILOT_HOME") or Path.home() / ".pilot").expanduser()
+
+
+def new_key() -> str:
+    """A fresh signing key: 32 random bytes, hex."""
+    return secrets.token_hex(32)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Every deadline of the system, in seconds."""
+
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0  # a peer silent this long is lost
+    request_s: float = 10.0  # a client request (status, submit ack) without an answer
+    cancel_grace_s: float = 1.0  # SIGINT, then SIGKILL after this long
+    orphan_grace_s: float = 5.0  # after a gateway restart: wait this long for workers to return
+    stop_grace_s: float = 30.0  # a SIGTERM'd worker finishes running tasks for this long
+    replay_window_s: float = 300.0  # messages older than this are refused
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """How to reach a gateway: its endpoints and the signing key."""
+
+    client_url: str
+    worker_url: str
+    key: str
+    http_url: str = ""
+    gateway_id: str = ""
+    pid: int = 0
+
+    @classmethod
+    def from_url(cls, url: str, key: str) -> ConnectionInfo:
+        """A gateway given as ``tcp://HOST:PORT``: its client port for a client, its worker
+        port for a worker. The key must be known."""
+        return cls(client_url=url, worker_url=url, key=key)
+
+    @classmethod
+    def load(cls, path: Path | str) -> ConnectionInfo:
+        """Read a connection file. Raises ``NoGateway`` if it is missing, ``ConfigError`` if
+        it cannot be parsed."""
+        path = Path(path).expanduser()
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NoGateway(
+                f"No gateway found: {path} does not exist. Run `pilot up`, or connect to a "
+                "gateway with `pilot.connect('tcp://HOST:PORT')` / `%pilot connect tcp://HOST:PORT`."
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"Cannot read connection file {path}: {exc}") from exc
+        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise ConfigError(f"Connection file {path} lacks a field: {exc}") from exc
+
+    def save(self, path: Path | str) -> Path:
+        """Write atomically with mode 0600 (it holds the key)."""
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(asdict(self), fh, indent=2)
+        os.replace(tmp, path)
+        return path
+
+
+def find_connection(
+    target: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> ConnectionInfo:
+    """Resolve what a client should connect to.
+
+    ``target`` may be a connection file path or ``tcp://HOST:PORT``; without it,
+    ``PILOT_CONNECT`` (same forms), then ``$PILOT_HOME/connection.json``. A bare URL needs the
+    key from ``PILOT_KEY`` or from the local connection file.
+    """
+    env = os.environ if env is None else env
+    target = target or env.get("PILOT_CONNECT") or None
+    if target is None:
+        return ConnectionInfo.load(default_home(env) / CONNECTION_FILE_NAME)
+    text = str(target)
+    if text.startswith(("tcp://", "ipc://")):
+        key = env.get("PILOT_KEY")
+        if not key:
+            local = default_home(env) / CONNECTION_FILE_NAME
+            if local.exists():
+                key = ConnectionInfo.load(local).key
+        if not key:
+            raise ConfigError(
+                f"To connect to {text} the gateway's key is needed: set PILOT_KEY, or copy the "
+                "gateway's connection.json here and pass its path instead."
+            )
+        return ConnectionInfo.from_url(text, key)
+    return ConnectionInfo.load(text)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """Everything a gateway needs; built by ``pilot gateway`` / ``pilot up``."""
+
+    state_dir: Path
+    bind: str = "127.0.0.1"
+    client_port: int = 0  # 0: pick a free port
+    worker_port: int = 0
+    http_port: int | None = 0  # None: no HTTP dashboard
+    key: str = field(default_factory=new_key)
+    connection_file: Path | None = None
+    max_message_bytes: int = 1 << 30
+    policy: SchedulingPolicy = field(default_factory=SchedulingPolicy)
+    outputs_kept_bytes: int = 1 << 20  # per task, for `pilot logs` and re-attach
+    inline_result_bytes: int = 1 << 20  # larger results go to the blob store
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def with_(self, **changes: Any) -> GatewaySettings:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """Everything a worker needs; built by ``pilot worker``."""
+
+    connection: ConnectionInfo
+    name: str
+    slots: int = 1
+    tags: tuple[str, ...] = ()
+    cache_dir: Path | None = None
+    cache_bytes: int = 20 * 10**9
+    max_message_bytes: int = 1 << 30
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ConfigError(f"--slots must be at least 1 (got {self.slots}).")

@@ -1,0 +1,349 @@
+"""The gateway's state in SQLite: jobs, tasks, attempts, results, kept outputs.
+
+WAL mode, one connection, owned by the gateway's event loop thread. Writes are buffered and
+committed together by ``flush()``, which the server calls once per loop turn (group commit), so
+a burst of thousands of results costs one transaction. A gateway killed at any point restarts
+from the last committed turn: ``unfinished_jobs()`` is what it resumes.
+
+Payloads (functions, task arguments, results) small enough live in the database; larger ones in
+the blob store, referenced by digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.protocol import (
+    ConfigError,
+    JobInfo,
+    JobSpec,
+    Output,
+    Payload,
+    Status,
+    TaskDone,
+    TaskStatus,
+    pack_record,
+    unpack_record,
+)
+from gateway.server._blobs import BlobStore, pack_payload, unpack_payload
+
+__all__ = ["StateStore", "UnfinishedJob"]
+
+log = logging.getLogger("pilot.gateway")
+
+KNOWN_JOBS_CHUNK = 900  # ids per query (SQLite allows 999 parameters by default)
+_JOB_RUNNING = "UPDATE jobs SET state=? WHERE id=? AND state=?"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, name TEXT, n_tasks INTEGER, spec BLOB, state INTEGER, error TEXT,
+    created REAL, finished REAL, done INTEGER DEFAULT 0, failed INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id TEXT, idx INTEGER, args BLOB, args_ref TEXT,
+    status INTEGER, value BLOB, value_ref TEXT, error TEXT, worker TEXT,
+    attempts INTEGER DEFAULT 0, duration_s REAL, finished REAL, item INTEGER,
+    PRIMARY KEY (job_id, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT, idx INTEGER, attempt INTEGER, worker TEXT, status INTEGER, error TEXT,
+    assigned REAL, started REAL, finished REAL, PRIMARY KEY (job_id, idx, attempt))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outputs (
+    job_id TEXT, idx INTEGER, seq INTEGER PRIMARY KEY AUTOINCREMENT, record BLOB);
+CREATE INDEX IF NOT EXISTS outputs_by_task ON outputs (job_id, idx);
+DROP INDEX IF EXISTS jobs_by_state;
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created) WHERE state < 2;
+"""
+
+
+def _known_key(p: Payload) -> str | None:
+    """A blob key for ``p`` made from the SHA-256 of its frames that the codec computed when it
+    verified them (``Payload.digests``), so a 100 MB argument is not hashed a second time. The
+    key hashes a tag and every part's digest: content-addressed, and apart from plain content
+    digests. None when the digests are not known."""
+    known = p.digests
+    if not known:
+        return None
+    if len(known) == len(p.buffers):  # the data travelled inline: hash it (it is small)
+        known = (hashlib.sha256(p.data).digest(), *known)
+    elif len(known) != len(p.buffers) + 1:
+        return None
+    return hashlib.sha256(b"pilot-payload-v1\0" + b"".join(known)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedJob:
+    spec: JobSpec
+    settled: tuple[int, ...]
+    out: tuple[tuple[int, int, str], ...]  # (index, attempt, worker) without an outcome
+    created: float = 0.0
+
+
+class StateStore:
+    """See the module docstring. Not thread-safe: one owner, the gateway loop."""
+
+    def __init__(self, path: Path, blobs: BlobStore, *, inline_bytes: int = 1 << 20) -> None:
+        self.blobs = blobs
+        self.inline_bytes = inline_bytes
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            # Small pages: a commit writes every page it touched to the log, and a turn
+            # touches a few rows in a few tables (only a new database takes this).
+            self._db.execute("PRAGMA page_size=1024")
+            # One process owns the database and keeps it locked: no file locks per
+            # transaction, no shared-memory index (set before WAL mode is entered), and a
+            # second gateway on the same state directory fails (after the busy timeout, 5 s)
+            # instead of racing the first.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)  # writes: takes the lock now
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            if "locked" not in str(exc):
+                raise
+            raise ConfigError(
+                f"The state in {path.parent} is in use by another gateway (its database is "
+                "locked). Stop that gateway, or give this one another --state directory."
+            ) from exc
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "spec" not in columns:
+            self._db.close()
+            raise ConfigError(
+                f"The state in {path.parent} was written by an older Parallel Pilot (its jobs "
+                "table has no spec column): give this gateway another --state directory, or "
+                "remove that one once its jobs are no longer needed."
+            )
+        self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        # jobs that started running since the last flush; a job that also ended meanwhile
+        # needs one write, not two (short jobs start and end within one turn)
+        self._running: dict[str, None] = {}
+        self._failure: sqlite3.Error | None = None  # the last commit's error, until one works
+
+    def close(self) -> None:
+        self.flush()
+        self._db.close()
+
+    # -- buffered writes --------------------------------------------------------------------
+
+    def _later(self, sql: str, row: tuple[Any, ...]) -> None:
+        self._pending.setdefault(sql, []).append(row)
+
+    @property
+    def healthy(self) -> bool:
+        """False while the last commit failed (its rows wait in memory for the next one)."""
+        return self._failure is None
+
+    def flush(self) -> bool:
+        """Commit everything buffered in one transaction. Returns True when everything written
+        so far is on disk. A failed commit (a full disk, ``SQLITE_FULL``) is rolled back, logged
+        with its traceback, and keeps its rows buffered for the next call: nothing is lost, and
+        the caller must not send what those rows record."""
+        if not self._pending and not self._running:
+            return self._failure is None
+        pending = dict(self._pending)
+        if self._running:
+            rows = [(int(Status.RUNNING), job_id, int(Status.QUEUED)) for job_id in self._running]
+            pending[_JOB_RUNNING] = rows
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                for sql, rows in pending.items():
+                    self._db.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            if self._failure is None:
+                log.exception("could not commit the gateway's state; holding it in memory")
+            self._failure = exc
+            return False
+        if self._failure is not None:
+            log.warning("the gateway's state is written again (%s is over)", self._failure)
+        self._failure = None
+        self._pending = {}
+        self._running = {}
+        return True
+
+    def page_count(self) -> int:
+        """The database's size in pages (see ``limit_pages``)."""
+        return int(self._db.execute("PRAGMA page_count").fetchone()[0])
+
+    def limit_pages(self, pages: int) -> None:
+        """Cap the database at ``pages`` pages (0: no cap beyond SQLite's own): an operator's
+        limit on how much state the gateway may keep; writes past it fail like a full disk."""
+        self._db.execute(f"PRAGMA max_page_count = {int(pages) or 4294967294}")
+
+    def _payload_columns(self, p: Payload) -> tuple[bytes | None, str | None]:
+        if p.nbytes <= self.inline_bytes:
+            return pack_payload(p), None
+        return None, self.blobs.put(p, key=_known_key(p))
+
+    def _payload_from(self, raw: bytes | None, ref: str | None) -> Payload:
+        return unpack_payload(raw) if raw is not None else self.blobs.get(ref or "")
+
+    def add_job(self, spec: JobSpec, args: Iterable[Payload], now: float) -> None:
+        """The job (its whole spec, every field of it) and its tasks' arguments."""
+        self._later(
+            "INSERT OR IGNORE INTO jobs (id, name, n_tasks, spec, state, error, created) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (spec.job_id, spec.name, spec.n_tasks, pack_record(spec), int(Status.QUEUED), "", now),
+        )
+        for i, a in enumerate(args):
+            raw, ref = self._payload_columns(a)
+            self._later(
+                "INSERT OR IGNORE INTO tasks (job_id, idx, args, args_ref) VALUES (?,?,?,?)",
+                (spec.job_id, i, raw, ref),
+            )
+
+    def attempt_assigned(self, job_id: str, index: int, attempt: int, worker: str) -> None:
+        self._later(
+            "INSERT OR REPLACE INTO attempts (job_id, idx, attempt, worker, assigned) "
+            "VALUES (?,?,?,?,?)",
+            (job_id, index, attempt, worker, time.time()),
+        )
+
+    def attempt_ended(
+        self, job_id: str, index: int, attempt: int, status: int, error: str, started: float
+    ) -> None:
+        """One write per attempt end (its start time was kept in memory until now)."""
+        self._later(
+            "UPDATE attempts SET status=?, error=?, started=?, finished=? "
+            "WHERE job_id=? AND idx=? AND attempt=?",
+            (int(status), error, started, time.time(), job_id, index, attempt),
+        )
+
+    def task_settled(self, done: TaskDone) -> None:
+        raw, ref = self._payload_columns(done.value) if done.value is not None else (None, None)
+        self._later(
+            "UPDATE tasks SET status=?, value=?, value_ref=?, error=?, worker=?, attempts=?, "
+            "duration_s=?, finished=?, item=?, args=NULL "
+            "WHERE job_id=? AND idx=? AND status IS NULL",
+            (
+                int(done.status),
+                raw,
+                ref,
+                done.error,
+                done.worker,
+                done.attempts,
+                done.duration_s,
+                time.time(),
+                done.item,
+                done.job_id,
+                done.index,
+            ),
+        )
+
+    def job_settled(self, job_id: str, state: Status, error: str, done: int, failed: int) -> None:
+        self._running.pop(job_id, None)
+        self._later(
+            "UPDATE jobs SET state=?, error=?, finished=?, done=?, failed=? WHERE id=?",
+            (int(state), error, time.time(), done, failed, job_id),
+        )
+
+    def job_running(self, job_id: str) -> None:
+        self._running[job_id] = None
+
+    def add_output(self, out: Output) -> None:
+        record = pack_record(out)
+        self._later(
+            "INSERT INTO outputs (job_id, idx, record) VALUES (?,?,?)",
+            (out.job_id, out.index, record),
+        )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def known_jobs(self, job_ids: list[str]) -> set[str]:
+        """Which of ``job_ids`` are stored (committed): one query per thousand ids."""
+        found: set[str] = set()
+        for i in range(0, len(job_ids), KNOWN_JOBS_CHUNK):
+            chunk = job_ids[i : i + KNOWN_JOBS_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT id FROM jobs WHERE id IN ({marks})"
+            found.update(row[0] for row in self._db.execute(sql, chunk))
+        return found
+
+    def task_args(self, job_id: str, index: int) -> Payload:
+        row = self._db.execute(
+            "SELECT args, args_ref FROM tasks WHERE job_id=? AND idx=?", (job_id, index)
+        ).fetchone()
+        if row is None or (row[0] is None and row[1] is None):
+            raise KeyError(f"no arguments stored for task {job_id}[{index}]")
+        return self._payload_from(*row)
+
+    def job_spec(self, job_id: str) -> tuple[JobSpec, Status, str] | None:
+        row = self._db.execute(
+            "SELECT spec, state, error FROM jobs WHERE id=?", (job_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return unpack_record(row[0]), Status(row[1]), row[2]
+
+    def unfinished_jobs(self) -> list[UnfinishedJob]:
+        out = []
+        for raw, created in self._db.execute(
+            # a literal bound, so that the partial index of unfinished jobs applies
+            f"SELECT spec, created FROM jobs WHERE state < {int(Status.DONE)} ORDER BY created",
+        ).fetchall():
+            spec: JobSpec = unpack_record(raw)
+            settled = tuple(
+                i
+                for (i,) in self._db.execute(
+                    "SELECT idx FROM tasks WHERE job_id=? AND status IS NOT NULL", (spec.job_id,)
+                )
+            )
+            running = self._db.execute(
+                "SELECT a.idx, a.attempt, a.worker FROM attempts a JOIN tasks t "
+                "ON a.job_id=t.job_id AND a.idx=t.idx WHERE a.job_id=? AND a.status IS NULL "
+                "AND t.status IS NULL AND a.attempt = (SELECT MAX(attempt) FROM attempts b "
+                "WHERE b.job_id=a.job_id AND b.idx=a.idx)",
+                (spec.job_id,),
+            ).fetchall()
+            out.append(UnfinishedJob(spec, settled, tuple(running), created))
+        return out
+
+    def settled_tasks(self, job_id: str) -> list[TaskDone]:
+        rows = self._db.execute(
+            "SELECT idx, status, value, value_ref, error, worker, attempts, duration_s, item "
+            "FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx",
+            (job_id,),
+        ).fetchall()
+        return [
+            TaskDone(
+                job_id,
+                idx,
+                TaskStatus(status),
+                self._payload_from(raw, ref) if (raw is not None or ref) else None,
+                error or "",
+                worker or "",
+                attempts or 0,
+                duration or 0.0,
+                -1 if item is None else item,
+            )
+            for idx, status, raw, ref, error, worker, attempts, duration, item in rows
+        ]
+
+    def outputs(self, job_id: str, index: int = -1) -> list[Output]:
+        sql = "SELECT idx, record FROM outputs WHERE job_id=?"
+        params: tuple[Any, ...] = (job_id,)
+        if index >= 0:
+            sql += " AND idx=?"
+            params += (index,)
+        result = []
+        for _idx, record in self._db.execute(sql + " ORDER BY seq", params):
+            result.append(unpack_record(record))
+        return result
+
+    def jobs(self, limit: int = 50) -> list[JobInfo]:
+        rows = self._db.execute(
+            "SELECT id, name, state, n_tasks, done, failed, created, finished, error FROM jobs "
+            "ORDER BY created DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            JobInfo(i, n, Status(s), nt, d or 0, f or 0, c, fin or 0.0, e or "")
+            for i, n, s, nt, d, f, c, fin, e in rows
+        ]
