@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gateway import (
-    Client,
+from gateway.client import Client, Job
+from gateway.protocol import (
     ConfigError,
     DataError,
-    Job,
     JobCancelled,
     JobError,
     JobNotFound,

@@ -16,19 +16,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gateway import (
-    Client,
+from gateway.client import Client
+from gateway.protocol import (
     ConfigError,
     ConnectionInfo,
     GatewaySettings,
     NoGateway,
+    OutputKind,
     PilotError,
     Status,
     WorkerSettings,
     default_home,
     find_connection,
+    new_key,
 )
-from gateway._settings import new_key
 
 STATES = {s.value: s.name.lower() for s in Status}
 
@@ -134,7 +135,7 @@ def _previous_ports(state: Path) -> dict[str, int]:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from gateway._server import Gateway
+    from gateway.server import Gateway
 
     home = default_home()
     state = args.state or home / "state"
@@ -308,10 +309,10 @@ def _logs(args: argparse.Namespace) -> int:
     with _client() as c:
         outs = c.logs(args.job, args.task)
     for out in outs:
-        if out.kind in ("stdout", "stderr"):
-            stream = sys.stdout if out.kind == "stdout" else sys.stderr
+        if out.kind in (OutputKind.STDOUT, OutputKind.STDERR):
+            stream = sys.stdout if out.kind == OutputKind.STDOUT else sys.stderr
             stream.write(out.data.decode(errors="replace"))
-        elif out.kind == "display":
+        elif out.kind == OutputKind.DISPLAY:
             print(out.data.get("text/plain", "<display>"))
     return 0
 

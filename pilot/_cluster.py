@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from gateway import Client, ConnectionInfo, PilotError, PilotTimeout, Timeouts
+from gateway.client import Client
+from gateway.protocol import ConnectionInfo, PilotError, PilotTimeout, Timeouts
 
 __all__ = ["LocalCluster"]
 

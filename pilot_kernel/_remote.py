@@ -1,11 +1,13 @@
 """Remote sessions: the notebook's cells run in one persistent namespace on a worker.
 
-``RemoteSession`` is the kernel's side. Starting one submits a one-task job in ``session`` mode
-(placed like any task: ``--gpus``, ``--tags``), leased to this kernel's client: the gateway ends
-it when the kernel says goodbye, or by itself when the kernel dies silently. ``execute`` sends
-a cell and relays what comes back into the running cell (streams, display data, the result),
-answers ``input()`` from the notebook, and turns a KeyboardInterrupt (Kernel → Interrupt) into
-an interrupt of the remote code that leaves the session alive.
+``RemoteSession`` is the kernel's side. Starting one submits a one-task job of kind
+``JobKind.SESSION`` (placed like any task: ``--gpus``, ``--tags``), leased to this kernel's
+client: the gateway ends it when the kernel says goodbye, or by itself when the kernel dies
+silently. ``execute`` sends the cell (``RunCell``) and relays what comes back into the running
+cell (streams, display data, the result), answers ``input()`` from the notebook
+(``InputRequest``, then ``InputReply``), and turns a KeyboardInterrupt (Kernel → Interrupt)
+into an ``InterruptTask``: the remote code is interrupted, the session lives on. The session's
+own messages arrive as ``Output``s of kind ``SESSION`` holding a typed record.
 """
 
 from __future__ import annotations
@@ -17,8 +19,23 @@ from typing import Any
 
 from IPython.display import clear_output, publish_display_data, update_display
 
-from gateway import Client, JobUpdate, Output, PilotError, Resources, TaskDone, dumps
-from gateway._job import Job
+from gateway.client import Client, Job
+from gateway.protocol import (
+    CellDone,
+    InputReply,
+    InputRequest,
+    InterruptTask,
+    JobKind,
+    JobUpdate,
+    Output,
+    OutputKind,
+    PilotError,
+    Resources,
+    RunCell,
+    SessionReady,
+    TaskDone,
+    dumps,
+)
 
 __all__ = ["RemoteSession", "SessionLost"]
 
@@ -42,25 +59,25 @@ class RemoteSession:
         self.job: Job = client.submit_job(
             _session_placeholder,
             [dumps(((), {}))],
-            mode="session",
+            kind=JobKind.SESSION,
             name="remote session",
             resources=Resources(1, gpus, tags),
             retries=0,
-            meta={"lease": True},
+            lease=True,
         )
         self._cells = itertools.count(1)
         self.info = self._wait_ready()
 
-    def _wait_ready(self) -> dict[str, Any]:
+    def _wait_ready(self) -> SessionReady:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            ev = self.job.next_event(WAIT_STEP_S)
-            if isinstance(ev, Output) and ev.kind == "session_ready":
-                return dict(ev.data)
-            if isinstance(ev, JobUpdate) and self.job.done():
-                raise PilotError(self.job.error or "The remote session could not start.")
-            if isinstance(ev, TaskDone):
-                raise PilotError(f"The remote session could not start: {ev.error}")
+            match self.job.next_event(WAIT_STEP_S):
+                case Output(kind=OutputKind.SESSION, data=SessionReady() as ready):
+                    return ready
+                case JobUpdate() if self.job.done():
+                    raise PilotError(self.job.error or "The remote session could not start.")
+                case TaskDone(error=error):
+                    raise PilotError(f"The remote session could not start: {error}")
         self.job.cancel()
         raise PilotError(f"No worker took the remote session within {START_TIMEOUT_S:.0f}s.")
 
@@ -72,12 +89,11 @@ class RemoteSession:
         if self.alive:
             self.job.cancel()
 
-    def execute(self, code: str, kernel: Any) -> dict[str, Any]:
-        """Run ``code`` remotely; relay its outputs; return the outcome (``cell_done``'s
-        content: status, execution_count, and ename/evalue/traceback on error).
-        Raises ``SessionLost``."""
+    def execute(self, code: str, kernel: Any) -> CellDone:
+        """Run ``code`` remotely; relay its outputs; return its outcome (``ok``,
+        ``execution_count``, and ename/evalue/traceback on error). Raises ``SessionLost``."""
         cell_id = str(next(self._cells))
-        self.client.send_input(self.job.id, 0, "cell", {"code": code, "cell_id": cell_id})
+        self.client.send(RunCell(self.job.id, 0, cell_id, code))
         interrupted = False
         while True:
             try:
@@ -87,7 +103,7 @@ class RemoteSession:
                     self.close()
                     raise
                 interrupted = True
-                self.client.send_input(self.job.id, 0, "interrupt")
+                self.client.send(InterruptTask(self.job.id, 0))
                 continue
             if ev is None:
                 continue
@@ -95,21 +111,21 @@ class RemoteSession:
             if outcome is not None:
                 return outcome
 
-    def _relay(self, ev: Any, kernel: Any, cell_id: str) -> dict[str, Any] | None:
+    def _relay(self, ev: Any, kernel: Any, cell_id: str) -> CellDone | None:
         match ev:
-            case Output(kind="stdout" | "stderr" as kind, data=data):
-                stream = sys.stdout if kind == "stdout" else sys.stderr
+            case Output(kind=OutputKind.STDOUT | OutputKind.STDERR as kind, data=data):
+                stream = sys.stdout if kind == OutputKind.STDOUT else sys.stderr
                 stream.write(data.decode("utf-8", "replace"))
                 stream.flush()
-            case Output(kind="display", data=data, extra=extra):
+            case Output(kind=OutputKind.DISPLAY, data=data, extra=extra):
                 transient = (extra or {}).get("transient") or {}
                 if (extra or {}).get("update") and transient.get("display_id"):
                     update_display(data, raw=True, display_id=transient["display_id"])
                 else:
                     publish_display_data(data, (extra or {}).get("metadata"), transient=transient)
-            case Output(kind="clear_output", extra=extra):
+            case Output(kind=OutputKind.CLEAR_OUTPUT, extra=extra):
                 clear_output(wait=bool((extra or {}).get("wait")))
-            case Output(kind="execute_result", data=data, extra=extra):
+            case Output(kind=OutputKind.EXECUTE_RESULT, data=data, extra=extra):
                 kernel.send_response(
                     kernel.iopub_socket,
                     "execute_result",
@@ -119,15 +135,17 @@ class RemoteSession:
                         "execution_count": kernel.execution_count,
                     },
                 )
-            case Output(kind="input_request", data=prompt, extra=extra):
-                ask = kernel.getpass if (extra or {}).get("password") else kernel.raw_input
-                self.client.send_input(self.job.id, 0, "input_reply", ask(str(prompt)))
-            case Output(kind="cell_done", data=outcome) if outcome.get("cell_id") == cell_id:
+            case Output(kind=OutputKind.SESSION, data=InputRequest(prompt=prompt) as request):
+                ask = kernel.getpass if request.password else kernel.raw_input
+                self.client.send(InputReply(self.job.id, 0, ask(prompt)))
+            case Output(kind=OutputKind.SESSION, data=CellDone() as done) if (
+                done.cell_id == cell_id
+            ):
                 sys.stdout.flush()
                 sys.stderr.flush()
-                return dict(outcome)
+                return done
             case TaskDone() | JobUpdate() if self.job.done():
-                where = self.info.get("host", "the worker")
+                where = self.info.host
                 raise SessionLost(
                     f"The remote session on {where} was lost ({self.job.error or 'it ended'}). "
                     "Cells run locally again; `%pilot remote` starts a fresh session."

@@ -32,7 +32,7 @@ from typing import Any
 from ipykernel.ipkernel import IPythonKernel
 from IPython.core.error import UsageError
 
-from gateway import PilotError
+from gateway.protocol import PilotError
 from pilot_kernel._remote import RemoteSession, SessionLost
 from pilot_magics import PilotMagics
 
@@ -95,9 +95,9 @@ class PilotKernel(IPythonKernel):
             return self._error_reply("KeyboardInterrupt", msg, [msg])
         finally:
             self._restore_input()
-        if outcome.get("status") == "error":
+        if not outcome.ok:
             return self._error_reply(
-                outcome.get("ename", "Error"), outcome.get("evalue", ""), outcome["traceback"]
+                outcome.ename or "Error", outcome.evalue, list(outcome.traceback)
             )
         return {
             "status": "ok",
@@ -188,7 +188,7 @@ class _KernelMagics(PilotMagics):
             raise UsageError(str(exc)) from None
         info = session.info
         print(
-            f"cells now run on {info.get('host')} (pid {info.get('pid')}, Python "
-            f"{info.get('python')}), in one namespace; `%pilot local` comes back"
+            f"cells now run on {info.host} (pid {info.pid}, Python {info.python}), in one "
+            "namespace; `%pilot local` comes back"
         )
         return None

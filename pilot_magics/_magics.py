@@ -6,7 +6,6 @@ One ``Client`` per kernel (the sync facade shared with the Python API), found by
 
 from __future__ import annotations
 
-import math
 import shlex
 import time
 from typing import Any
@@ -14,9 +13,8 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from gateway import Client, ConfigError, DataError, PilotError, Status, find_connection
-from gateway._job import Job
-from gateway._sync import AUTO_CHUNK_TASKS
+from gateway.client import Client, Job
+from gateway.protocol import ConfigError, DataError, PilotError, Status, find_connection
 from pilot_magics._options import DistributeOptions, parse_options
 from pilot_magics._packaging import build_cell_function
 from pilot_magics._render import CellRun
@@ -123,7 +121,7 @@ class PilotMagics(Magics):
         return self._follow(opts, job, items, label_name, bind)
 
     def _submit(
-        self, opts: DistributeOptions, fn: Any, items: list[Any], chunk: int, sharded: bool
+        self, opts: DistributeOptions, fn: Any, items: list[Any], chunk: int | None, sharded: bool
     ) -> Job:
         try:
             return self.client().map(
@@ -135,6 +133,7 @@ class PilotMagics(Magics):
                 tags=opts.tags,
                 timeout=opts.timeout,
                 retries=opts.retries,
+                retry_errors=opts.retry_errors,
                 name="%%distribute",
                 data=dict(opts.data),
                 data_mode=opts.data_mode,
@@ -184,7 +183,9 @@ class PilotMagics(Magics):
 
     def _plan(
         self, opts: DistributeOptions, ns: dict[str, Any]
-    ) -> tuple[str | None, list[Any], tuple[str, ...], dict[str, Any], int]:
+    ) -> tuple[str | None, list[Any], tuple[str, ...], dict[str, Any], int | None]:
+        """(label name, items, names bound per item, constants, chunk). A chunk of None leaves
+        it to the client's scheduling policy (``SchedulingPolicy.auto_chunk``)."""
         if opts.over is not None:
             name, expr = opts.over
             try:
@@ -193,8 +194,7 @@ class PilotMagics(Magics):
                 raise UsageError(f"--over {name}={expr}: {type(exc).__name__}: {exc}") from None
             if not items:
                 raise UsageError(f"--over {name}={expr} has no items.")
-            chunk = opts.chunk or max(1, math.ceil(len(items) / AUTO_CHUNK_TASKS))
-            return name, items, (name,), {}, chunk
+            return name, items, (name,), {}, opts.chunk
         if opts.partitions is not None:
             n = opts.partitions
             return "partition", list(range(n)), ("partition",), {"partitions": n}, 1

@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 
 __all__ = ["DistributeOptions", "parse_options"]
 
-FLAGS = {"quiet"}
+FLAGS = {"quiet", "retry-errors"}
 VALUED = {
     "over",
     "chunk",
@@ -53,6 +53,7 @@ class DistributeOptions:
     tags: tuple[str, ...] = ()
     timeout: float | None = None
     retries: int | None = None
+    retry_errors: bool = False  # retry tasks whose code raised too, not only machine faults
     until: str | None = None
     where: str | None = None
     quiet: bool = False
@@ -171,4 +172,5 @@ def parse_options(line: str) -> DistributeOptions:
                 raise UsageError(f"--{option} filters the results of --over or --partitions.")
             opts[option] = _expression(option, v)
     opts["quiet"] = "quiet" in t
+    opts["retry_errors"] = "retry-errors" in t
     return DistributeOptions(**opts)  # type: ignore[arg-type]

@@ -19,8 +19,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from gateway import SerializationError, dumps
-from gateway._cell import CellFunction
+from gateway.protocol import CellFunction, SerializationError, dumps
 
 __all__ = ["LARGE_VALUE_BYTES", "build_cell_function", "names_read"]
 

@@ -15,10 +15,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from IPython.display import DisplayHandle, display, publish_display_data, update_display
+from IPython.display import (
+    DisplayHandle,
+    clear_output,
+    display,
+    publish_display_data,
+    update_display,
+)
 
-from gateway import JobUpdate, Output, TaskDone, TaskError, TaskStatus
-from gateway._job import Job
+from gateway.client import Job
+from gateway.protocol import JobKind, JobUpdate, Output, OutputKind, TaskDone, TaskError, TaskStatus
 
 __all__ = ["CellRun", "RemoteCellError"]
 
@@ -67,10 +73,10 @@ class CellRun:
         self.until = until
         self.rich = rich
         self.found: tuple[int, Any] | None = None
-        self._partial: dict[tuple[int, str], str] = {}
+        self._partial: dict[tuple[int, OutputKind], str] = {}
         self._handle: DisplayHandle | None = None
         self._last_progress = 0.0
-        self._failed: list[TaskError] = []
+        self._failed = 0
         self._start = time.monotonic()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -113,35 +119,34 @@ class CellRun:
     # -- outputs ------------------------------------------------------------------------------
 
     def _output(self, out: Output) -> None:
-        if out.kind in ("stdout", "stderr"):
-            self._stream(out.item, out.kind, out.data.decode("utf-8", "replace"))
-        elif out.kind == "display":
-            extra = out.extra or {}
-            data, metadata = out.data, extra.get("metadata") or {}
-            transient = extra.get("transient") or {}
-            if extra.get("update") and transient.get("display_id"):
-                update_display(data, raw=True, display_id=transient["display_id"])
-            else:
-                publish_display_data(data, metadata, transient=transient)
-        elif out.kind == "clear_output":
-            from IPython.display import clear_output
+        match out.kind:
+            case OutputKind.STDOUT | OutputKind.STDERR:
+                self._stream(out.item, out.kind, out.data.decode("utf-8", "replace"))
+            case OutputKind.DISPLAY:
+                extra = out.extra or {}
+                data, metadata = out.data, extra.get("metadata") or {}
+                transient = extra.get("transient") or {}
+                if extra.get("update") and transient.get("display_id"):
+                    update_display(data, raw=True, display_id=transient["display_id"])
+                else:
+                    publish_display_data(data, metadata, transient=transient)
+            case OutputKind.CLEAR_OUTPUT:
+                clear_output(wait=bool((out.extra or {}).get("wait")))
 
-            clear_output(wait=bool((out.extra or {}).get("wait")))
-
-    def _stream(self, item: int, kind: str, text: str) -> None:
+    def _stream(self, item: int, kind: OutputKind, text: str) -> None:
         key = (item, kind)
         text = self._partial.pop(key, "") + text
         lines = text.split("\n")
         self._partial[key] = lines.pop()
         if lines:
             label = self.label(item)
-            stream = sys.stdout if kind == "stdout" else sys.stderr
+            stream = sys.stdout if kind == OutputKind.STDOUT else sys.stderr
             stream.write("".join(f"{label}{line}\n" for line in lines))
 
     def _flush_partial(self) -> None:
         for (item, kind), rest in self._partial.items():
             if rest:
-                stream = sys.stdout if kind == "stdout" else sys.stderr
+                stream = sys.stdout if kind == OutputKind.STDOUT else sys.stderr
                 stream.write(f"{self.label(item)}{rest}\n")
         self._partial.clear()
 
@@ -155,14 +160,13 @@ class CellRun:
         if d.status == TaskStatus.CANCELLED:
             return
         self._flush_partial()
-        err = self.job._task_error(d)
-        self._failed.append(err)
+        self._failed += 1
         where = self.label(d.item).strip() or f"task {d.index}"
         sys.stderr.write(f"{where} failed on {d.worker or 'a worker'}:\n{d.error.rstrip()}\n")
 
     def _check_until(self, d: TaskDone) -> None:
         values = self.job.value(d.index)
-        if self.job.kind == "map":
+        if self.job.kind == JobKind.MAP:
             first = d.index * self.job.chunk
             pairs = [(first + k, v) for k, v in enumerate(values)]
         else:
@@ -174,11 +178,12 @@ class CellRun:
                 return
 
     def error(self) -> RemoteCellError | None:
-        """The error the cell should end in, if any task failed."""
-        if not self._failed:
+        """The error the cell should end in, if any task failed: the first failed item's."""
+        failed = self.job.failures() if self._failed else []
+        if not failed:
             return None
-        first = self._failed[0]
-        more = f" (and {len(self._failed) - 1} more failed tasks)" if len(self._failed) > 1 else ""
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more failed tasks)" if len(failed) > 1 else ""
         return RemoteCellError(
             f"{first}{more}".split("\n\nRemote traceback:")[0],
             job_id=first.job_id,
@@ -215,7 +220,7 @@ class CellRun:
 
     def summary(self) -> str:
         items = len(self.job.items) if self.job.items is not None else self.job.n_tasks
-        done = [d for d in self.job._done.values() if d.status == TaskStatus.OK]
+        done = [d for d in self.job.tasks.values() if d.status == TaskStatus.OK]
         workers = {d.worker for d in done if d.worker}
         wall = (self.job.finished_at or time.monotonic()) - self._start
         busy = sum(d.duration_s for d in done)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import pilot
-from gateway import Status, TaskDone, TaskStatus
+from gateway.protocol import Status, TaskDone, TaskStatus
 from tests_support import TEST_TIMEOUTS
 
 pytestmark = pytest.mark.system

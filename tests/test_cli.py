@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import pilot
-from gateway import Status
+from gateway.protocol import Status
 
 pytestmark = pytest.mark.system
 

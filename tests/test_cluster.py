@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import pilot
-from gateway import Output, Status
+from gateway.protocol import Output, OutputKind, Status
 
 pytestmark = pytest.mark.system
 
@@ -23,7 +23,7 @@ def test_map_of_1000_items_over_two_workers(client: pilot.Client) -> None:
     job = client.map(square, range(1000), chunk=10)
     job.wait(120)
     assert job.results == [x * x for x in range(1000)]
-    workers = {job._done[i].worker for i in range(job.n_tasks)}
+    workers = {job.tasks[i].worker for i in range(job.n_tasks)}
     assert workers == {"local-0", "local-1"}
 
 
@@ -31,7 +31,7 @@ def test_outputs_stream_in_order_and_labelled(client: pilot.Client) -> None:
     job = client.map(square, range(40), chunk=4)
     text: dict[int, str] = {}
     for out in job.stream():
-        assert out.kind == "stdout"
+        assert out.kind == OutputKind.STDOUT
         text[out.item] = text.get(out.item, "") + out.data.decode()
     assert job.results == [x * x for x in range(40)]
     assert sorted(text) == list(range(40))
@@ -54,7 +54,7 @@ def write_fd_level(x: int) -> int:
 
 def test_fd_level_output_is_captured(client: pilot.Client) -> None:
     job = client.submit(write_fd_level, 5)
-    outs = b"".join(o.data for o in job.stream() if o.kind == "stdout")
+    outs = b"".join(o.data for o in job.stream() if o.kind == OutputKind.STDOUT)
     assert b"fd-level 5\n" in outs and b"subprocess 5\n" in outs
     assert job.result() == 5
 
@@ -68,7 +68,7 @@ def shows_html(x: int) -> int:
 
 def test_display_sends_mime_bundle(client: pilot.Client) -> None:
     job = client.map(shows_html, [7], chunk=1)
-    displays = [o for o in job.stream() if o.kind == "display"]
+    displays = [o for o in job.stream() if o.kind == OutputKind.DISPLAY]
     assert displays[0].data["text/html"] == "<b>7</b>"
     assert displays[0].item == 0
 
@@ -112,7 +112,7 @@ def test_crashing_process_fails_only_that_task(client: pilot.Client, how: str) -
 
 
 def _args(*args: object) -> pilot.Client:
-    from gateway import dumps
+    from gateway.protocol import dumps
 
     return dumps((args, {}))  # type: ignore[return-value]
 
@@ -197,7 +197,7 @@ def test_attach_from_another_client_replays_results_and_outputs(
     replayed = b"".join(o.data for o in again.stream())
     assert b"item 6 start" in replayed, "kept outputs are replayed to a re-attached client"
     logs = other.logs(job.id)
-    assert b"item 7 end" in b"".join(o.data for o in logs if o.kind == "stdout")
+    assert b"item 7 end" in b"".join(o.data for o in logs if o.kind == OutputKind.STDOUT)
 
 
 def test_attach_unknown_job(client: pilot.Client) -> None:
@@ -219,11 +219,12 @@ def test_unschedulable_request_fails_at_once_listing_workers(client: pilot.Clien
 
 
 def test_many_distinct_functions_then_an_early_one_again(client: pilot.Client) -> None:
-    """More functions than any cache holds: an evicted one is sent again, not failed."""
+    """More functions than a task process keeps loaded: an evicted one is fetched again by its
+    hash (task process -> worker -> gateway), neither failed nor retried."""
     fns = [eval(f"lambda x: x + {k}") for k in range(200)]
     for k, fn in enumerate(fns):
         assert client.submit(fn, 1).result(30) == 1 + k
     again = client.submit(fns[0], 1)
     assert again.result(30) == 1
-    assert again._done[0].attempts == 2, "the first attempt found the function evicted"
+    assert again.tasks[0].attempts == 1, "found by its hash, not retried"
     assert client.map(fns[3], [1, 2], chunk=1).results == [4, 5]

@@ -19,7 +19,7 @@ import pytest
 import s3fs
 from s3server import S3Server, s3_server
 
-from gateway._dataref import DataError, DataRef, redact, resolve, shard
+from gateway.protocol import DataError, DataRef, redact, resolve, shard
 from worker._cache import DiskCache, parse_size
 from worker._datasets import filesystem, materialize, version_token
 

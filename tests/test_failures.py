@@ -10,8 +10,8 @@ import pytest
 import zmq
 
 import pilot
-from gateway import Codec, TaskDone
-from gateway import _messages as m
+from gateway.protocol import Codec, TaskDone
+from gateway.protocol import _messages as m
 from tests_support import TEST_TIMEOUTS, wait_until
 
 pytestmark = pytest.mark.system
@@ -37,8 +37,8 @@ def test_worker_killed_mid_job_every_item_exactly_once() -> None:
         cluster.workers[0].kill()
         job.wait(120)
         assert job.results == [x * x for x in range(40)]
-        assert len(job._done) == 20, "one outcome per task"
-        survivors = {d.worker for d in job._done.values()}
+        assert len(job.tasks) == 20, "one outcome per task"
+        survivors = {d.worker for d in job.tasks.values()}
         assert "local-1" in survivors
 
 
@@ -82,8 +82,8 @@ def test_sigterm_worker_hands_back_and_job_completes() -> None:
         assert cluster.workers[0].wait(30) == 0, "a SIGTERM'd worker exits cleanly"
         job.wait(120)
         assert job.results == [x * x for x in range(30)]
-        assert all(d.status == 0 and not d.error for d in job._done.values())
-        assert len({d.worker for d in job._done.values()}) == 2, "both worked before the stop"
+        assert all(d.status == 0 and not d.error for d in job.tasks.values())
+        assert len({d.worker for d in job.tasks.values()}) == 2, "both worked before the stop"
 
 
 def test_gateway_keeps_serving_through_garbage(
@@ -146,7 +146,7 @@ def test_stalled_worker_is_lost_then_comes_back_and_works() -> None:
 
 
 def test_client_facing_another_major_version_is_told_so() -> None:
-    from gateway import ConnectionInfo, VersionMismatch
+    from gateway.protocol import ConnectionInfo, VersionMismatch
 
     key = os.urandom(32).hex()
     ctx = zmq.Context()

@@ -12,7 +12,7 @@ import pytest
 
 import kernel_conformance as conformance
 import pilot
-from gateway import Status
+from gateway.protocol import Status
 from pilot_kernel import install
 from tests_support import TEST_TIMEOUTS, KernelDriver, wait_until
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import hmac
 import os
@@ -16,7 +17,8 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import (
+from gateway.protocol import (
+    PROTOCOL_FRAME,
     AuthenticationError,
     Codec,
     MessageTooLarge,
@@ -26,8 +28,7 @@ from gateway import (
     dumps,
     loads,
 )
-from gateway import _messages as m
-from gateway._wire import PROTOCOL_FRAME
+from gateway.protocol import _messages as m
 
 KEY = os.urandom(32).hex()
 
@@ -44,14 +45,18 @@ def sample(cls: type) -> typing.Any:
 def _value_for(tp: typing.Any, name: str) -> typing.Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return list(tp)[-1]  # not the default: a dropped field would show
     if tp is str:
-        return f"{name}-value"
+        return {"name": "images", "mode": "open"}.get(name, f"{name}-value")
     if tp is int:
         return 7
     if tp is float:
         return 1.5
     if tp is bool:
         return True
+    if tp is bytes:
+        return f"{name}-bytes".encode()
     if tp is Payload:
         return dumps({"name": name, "array": np.arange(20_000)})
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -70,6 +75,8 @@ def _value_for(tp: typing.Any, name: str) -> typing.Any:
 
 
 def _equal(a: typing.Any, b: typing.Any) -> bool:
+    if isinstance(a, enum.Enum):  # decoded back into the enum, not left a bare int
+        return type(a) is type(b) and a == b
     if isinstance(a, Payload):
         return isinstance(b, Payload) and _loads_eq(a, b)
     if dataclasses.is_dataclass(a):
@@ -164,7 +171,7 @@ def test_stale_message_is_refused() -> None:
 
 
 def test_oversized_is_refused_on_both_sides() -> None:
-    big = m.Outputs((m.Output("j", 0, -1, "stdout", b"x" * 10_000),))
+    big = m.Outputs((m.Output("j", 0, -1, m.OutputKind.STDOUT, b"x" * 10_000),))
     with pytest.raises(MessageTooLarge, match="limit"):
         Codec(KEY, max_message_bytes=1000).encode(big)
     frames = Codec(KEY).encode(big)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from gateway._messages import Resources, Status, TaskAttempt, TaskStatus
-from gateway._scheduler import (
+from gateway.protocol import Resources, SchedulingPolicy, Status, TaskAttempt, TaskStatus
+from gateway.server._scheduler import (
     AssignTask,
     CancelAttempt,
     JobAdded,
     JobCancel,
     JobSettled,
+    JobStarted,
     Scheduler,
     TaskFinished,
     TaskSettled,
@@ -24,8 +25,13 @@ from gateway._scheduler import (
 CPU = Resources()
 
 
-def sched(**kw) -> Scheduler:
-    return Scheduler(heartbeat_timeout_s=5, orphan_grace_s=5, prefetch=kw.pop("prefetch", 0), **kw)
+def sched(**policy) -> Scheduler:
+    policy.setdefault("prefetch", 0)
+    return Scheduler(SchedulingPolicy(**policy), heartbeat_timeout_s=5, orphan_grace_s=5)
+
+
+def settled_jobs(out) -> list[tuple[str, Status]]:
+    return [(i.job_id, i.state) for i in out if isinstance(i, JobSettled)]
 
 
 def join(s: Scheduler, name: str, slots: int = 1, gpus: int = 0, tags=(), now=0.0, holding=()):
@@ -95,11 +101,29 @@ def test_resources_and_tags_decide_placement() -> None:
     assert assigns(out)[0][0] == "cpu"
 
 
-def test_unmeetable_request_is_unschedulable_at_once() -> None:
+def test_unmeetable_request_is_unschedulable_at_once_and_fails_the_job() -> None:
     s = sched()
     join(s, "w1", slots=2)
     out = s.handle(JobAdded("j", 1, Resources(gpus=1), 0.0))
+    assert [type(i) for i in out] == [Unschedulable, TaskSettled, JobSettled]
+    assert settled_jobs(out) == [("j", Status.FAILED)]
+
+
+def test_an_unmeetable_job_waits_when_the_policy_says_so() -> None:
+    s = sched(fail_unschedulable=False)
+    join(s, "w1", slots=2)
+    out = s.handle(JobAdded("j", 1, Resources(gpus=1), 0.0))
     assert [type(i) for i in out] == [Unschedulable]
+    assert assigns(join(s, "gpu", gpus=1)) == [("gpu", "j", 0, 1)]
+
+
+def test_a_job_is_said_running_once_when_its_first_task_starts() -> None:
+    s = sched()
+    join(s, "w1", slots=2)
+    s.handle(JobAdded("j", 2, CPU, 0.0))
+    out = s.handle(TaskStarted("w1", "j", 0, 1, 0.1))
+    out += s.handle(TaskStarted("w1", "j", 1, 1, 0.2))
+    assert [i for i in out if isinstance(i, JobStarted)] == [JobStarted("j")]
 
 
 def test_no_workers_yet_is_not_unschedulable() -> None:
@@ -134,7 +158,7 @@ def test_timeout_cancels_and_retries_then_fails() -> None:
     out = s.handle(Tick(3.0))
     settled = [i for i in out if isinstance(i, TaskSettled)]
     assert settled and settled[0].status == TaskStatus.TIMEOUT
-    assert JobSettled("j", Status.FAILED) in out
+    assert ("j", Status.FAILED) in settled_jobs(out)
 
 
 def test_retry_goes_to_another_worker_when_one_exists() -> None:
@@ -142,7 +166,7 @@ def test_retry_goes_to_another_worker_when_one_exists() -> None:
     join(s, "w1")
     join(s, "w2")
     s.handle(JobAdded("j", 2, CPU, 0.0))
-    out = finish(s, "w1", "j", 0, status=TaskStatus.ERROR)
+    out = finish(s, "w1", "j", 0, status=TaskStatus.CRASHED)
     assert assigns(out) == [], "w1 is free but the retry should wait for w2"
     out = finish(s, "w2", "j", 1)
     assert assigns(out) == [("w2", "j", 0, 2)]
@@ -153,11 +177,40 @@ def test_retries_exhausted_fail_the_task_and_the_job() -> None:
     join(s, "w1")
     s.handle(JobAdded("j", 1, CPU, 0.0, retries=2))
     for attempt in (1, 2):
-        out = finish(s, "w1", "j", 0, attempt, TaskStatus.ERROR)
+        out = finish(s, "w1", "j", 0, attempt, TaskStatus.CRASHED)
         assert assigns(out) == [("w1", "j", 0, attempt + 1)]
-    out = finish(s, "w1", "j", 0, 3, TaskStatus.ERROR)
-    assert TaskSettled("j", 0, TaskStatus.ERROR, 3, "w1", 3) in out
-    assert JobSettled("j", Status.FAILED) in out
+    out = finish(s, "w1", "j", 0, 3, TaskStatus.CRASHED)
+    assert TaskSettled("j", 0, TaskStatus.CRASHED, 3, "w1", 3) in out
+    assert ("j", Status.FAILED) in settled_jobs(out)
+
+
+def test_an_exception_in_the_code_fails_its_task_at_once() -> None:
+    s = sched()
+    join(s, "w1")
+    s.handle(JobAdded("j", 1, CPU, 0.0, retries=2))
+    out = finish(s, "w1", "j", 0, 1, TaskStatus.ERROR)
+    assert assigns(out) == []
+    assert TaskSettled("j", 0, TaskStatus.ERROR, 1, "w1", 1) in out
+    assert ("j", Status.FAILED) in settled_jobs(out)
+
+
+def test_an_exception_is_retried_when_the_job_retries_errors() -> None:
+    s = sched()
+    join(s, "w1")
+    s.handle(JobAdded("j", 1, CPU, 0.0, retries=1, retry_errors=True))
+    out = finish(s, "w1", "j", 0, 1, TaskStatus.ERROR)
+    assert assigns(out) == [("w1", "j", 0, 2)]
+    out = finish(s, "w1", "j", 0, 2, TaskStatus.ERROR)
+    assert ("j", Status.FAILED) in settled_jobs(out)
+
+
+def test_a_job_settles_with_its_counts() -> None:
+    s = sched()
+    join(s, "w1", slots=2)
+    s.handle(JobAdded("j", 2, CPU, 0.0))
+    finish(s, "w1", "j", 0)
+    out = finish(s, "w1", "j", 1, status=TaskStatus.UNPICKLABLE)
+    assert JobSettled("j", Status.FAILED, done=1, failed=1) in out
 
 
 def test_unpicklable_is_not_retried() -> None:
@@ -165,7 +218,7 @@ def test_unpicklable_is_not_retried() -> None:
     join(s, "w1")
     s.handle(JobAdded("j", 1, CPU, 0.0, retries=5))
     out = finish(s, "w1", "j", 0, status=TaskStatus.UNPICKLABLE)
-    assert JobSettled("j", Status.FAILED) in out
+    assert ("j", Status.FAILED) in settled_jobs(out)
 
 
 def test_a_failing_worker_is_kept_off_the_job() -> None:
@@ -193,7 +246,7 @@ def test_cancel_drops_queued_and_interrupts_running() -> None:
     out = s.handle(JobCancel("j", 1.0))
     assert CancelAttempt("w1", "j", 0, 1) in out
     assert sum(isinstance(i, TaskSettled) for i in out) == 3
-    assert out[-1] == JobSettled("j", Status.CANCELLED)
+    assert out[-1] == JobSettled("j", Status.CANCELLED, done=0, failed=0)
     assert s.workers["w1"].used_slots == 0
 
 
@@ -230,7 +283,7 @@ def test_orphans_are_adopted_or_requeued_after_grace() -> None:
     assert assigns(out) == [("w1", "j", 2, 5)]
     out = finish(s, "w1", "j", 1, attempt=1, now=6.5)
     out += finish(s, "w1", "j", 2, attempt=5, now=6.6)
-    assert JobSettled("j", Status.DONE) in out
+    assert ("j", Status.DONE) in settled_jobs(out)
 
 
 def test_reconnect_claims_unknown_attempt_is_cancelled() -> None:
@@ -305,3 +358,101 @@ def test_prefetch_does_not_take_data_another_live_worker_has_cached() -> None:
     assert placed, "w0 takes more work"
     for w, _, i, _ in placed:
         assert home[i] == w, f"task {i} (data on {home[i]}) was prefetched by {w}"
+
+
+# -- gangs (training ranks) -------------------------------------------------------------------
+
+
+def gangs(out) -> list:
+    from gateway.server._scheduler import AssignGang
+
+    return [i for i in out if isinstance(i, AssignGang)]
+
+
+def test_a_gang_is_placed_all_at_once_packed_on_the_fewest_workers() -> None:
+    s = sched()
+    join(s, "a", slots=1)
+    join(s, "b", slots=2)
+    out = s.handle(JobAdded("g", 2, CPU, 0.0, gang=True))
+    (placed,) = gangs(out)
+    assert placed.world == 2 and placed.restart == 0
+    assert placed.ranks == (("b", 0, 1), ("b", 1, 1))
+    assert assigns(out) == [], "ranks are not assigned one by one"
+
+
+def test_a_gang_that_does_not_fit_now_waits_and_says_so_once() -> None:
+    from gateway.server._scheduler import GangWaiting
+
+    s = sched()
+    join(s, "a", slots=1)
+    join(s, "b", slots=1)
+    s.handle(JobAdded("busy", 1, CPU, 0.0))  # takes one slot
+    out = s.handle(JobAdded("g", 2, CPU, 0.0, gang=True))
+    assert gangs(out) == []
+    assert [i for i in out if isinstance(i, GangWaiting)] == [GangWaiting("g", 2, 1)]
+    assert [i for i in s.handle(Tick(0.1)) if isinstance(i, GangWaiting)] == []
+    out = finish(s, "a", "busy", 0)
+    assert len(gangs(out)) == 1, "placed as soon as both slots are free"
+
+
+def test_a_gang_larger_than_the_pool_is_unschedulable() -> None:
+    s = sched()
+    join(s, "a", slots=1)
+    out = s.handle(JobAdded("g", 3, CPU, 0.0, gang=True))
+    (u,) = [i for i in out if isinstance(i, Unschedulable)]
+    assert u.ranks == 3
+    assert ("g", Status.FAILED) in settled_jobs(out)
+
+
+def test_ranks_results_are_held_until_the_whole_group_succeeds() -> None:
+    s = sched()
+    join(s, "a", slots=2)
+    s.handle(JobAdded("g", 2, CPU, 0.0, gang=True))
+    out = finish(s, "a", "g", 0)
+    assert not [i for i in out if isinstance(i, TaskSettled)]
+    out = finish(s, "a", "g", 1)
+    assert [(i.index, i.status) for i in out if isinstance(i, TaskSettled)] == [
+        (0, TaskStatus.OK),
+        (1, TaskStatus.OK),
+    ]
+    assert ("g", Status.DONE) in settled_jobs(out)
+
+
+def test_a_lost_rank_stops_the_group_and_restarts_it_on_fewer_ranks() -> None:
+    from gateway.server._scheduler import GangRestarted
+
+    s = sched()
+    join(s, "a", slots=1)
+    join(s, "b", slots=1)
+    s.handle(JobAdded("g", 2, CPU, 0.0, gang=True, restarts=2, min_tasks=1))
+    out = s.handle(WorkerLeft("b", 1.0))
+    assert CancelAttempt("a", "g", 0, 1) in out, "the survivor is stopped"
+    assert GangRestarted("g", 1, 1, TaskStatus.LOST) in out
+    (placed,) = gangs(out)
+    assert placed.world == 1 and placed.restart == 1
+    assert placed.ranks == (("a", 0, 2),)
+    cancelled = [i for i in out if isinstance(i, TaskSettled)]
+    assert [(i.index, i.status) for i in cancelled] == [(1, TaskStatus.CANCELLED)]
+    out = finish(s, "a", "g", 0, attempt=2)
+    assert ("g", Status.DONE) in settled_jobs(out)
+
+
+def test_a_code_error_before_any_progress_fails_the_gang_at_once() -> None:
+    s = sched()
+    join(s, "a", slots=2)
+    s.handle(JobAdded("g", 2, CPU, 0.0, gang=True, restarts=2))
+    out = finish(s, "a", "g", 1, status=TaskStatus.ERROR)
+    assert gangs(out) == [], "no restart"
+    assert CancelAttempt("a", "g", 0, 1) in out
+    assert ("g", Status.FAILED) in settled_jobs(out)
+
+
+def test_an_error_after_progress_restarts_the_gang() -> None:
+    s = sched()
+    join(s, "a", slots=2)
+    s.handle(JobAdded("g", 2, CPU, 0.0, gang=True, restarts=1))
+    out = s.handle(TaskFinished("a", "g", 0, 1, TaskStatus.ERROR, 1.0, 0.5, progressed=True))
+    (placed,) = gangs(out)
+    assert placed.restart == 1 and placed.world == 2
+    out = s.handle(TaskFinished("a", "g", 1, 2, TaskStatus.CRASHED, 2.0, 0.5, progressed=True))
+    assert ("g", Status.FAILED) in settled_jobs(out), "restarts used up"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from gateway import Timeouts
+from gateway.protocol import Timeouts
 
 # Fast failure detection in tests: a lost worker is noticed within 2 s.
 TEST_TIMEOUTS = Timeouts(heartbeat_interval_s=0.25, heartbeat_timeout_s=2.0, orphan_grace_s=2.0)

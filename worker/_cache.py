@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from gateway._dataref import DataError
+from gateway.protocol import DataError
 
 __all__ = ["CacheStats", "DiskCache", "parse_size"]
 

@@ -20,6 +20,7 @@ either thread.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import io
 import os
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway import Output
+from gateway.protocol import Output, OutputKind
 
 __all__ = ["Capture"]
 
@@ -38,12 +39,13 @@ FLUSH_S = 0.05
 RESULT_HOLD_S = 0.002  # results of a batch finishing within this of each other travel together
 FLUSH_BYTES = 64 * 1024
 _READ_BYTES = 64 * 1024
+_STREAMS = (OutputKind.STDOUT, OutputKind.STDERR)  # consecutive writes merge into one Output
 
 
 class _Stream(io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` inside a task: appends to the capture's pending list."""
 
-    def __init__(self, capture: Capture, kind: str, fileno: int) -> None:
+    def __init__(self, capture: Capture, kind: OutputKind, fileno: int) -> None:
         self._capture = capture
         self._kind = kind
         self._fileno = fileno
@@ -78,31 +80,31 @@ class Capture:
         self._emit = emit
         self._emit_results = emit_results
         self.lock = threading.Lock()
-        self._pending: list[tuple[tuple[str, int, int], str, Any, dict[str, Any]]] = []
+        self._pending: list[tuple[tuple[str, int, int], OutputKind, Any, dict[str, Any]]] = []
         self._pending_bytes = 0
         self._results: list[Any] = []
         self._held_since: float | None = None  # monotonic time of the oldest held result
         self.label: tuple[str, int, int] = ("", -1, -1)
         self._stop = threading.Event()
-        self._pipes: dict[int, str] = {}
+        self._pipes: dict[int, OutputKind] = {}
         self._fds: list[int] = []
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Redirect fds 1 and 2 and ``sys.stdout``/``sys.stderr``; start the flusher."""
-        for fd, kind in ((1, "stdout"), (2, "stderr")):
+        for fd, kind in ((1, OutputKind.STDOUT), (2, OutputKind.STDERR)):
             r, w = os.pipe()
             os.dup2(w, fd)
             os.close(w)
             fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_NONBLOCK)
             self._pipes[r] = kind
         self._fds = list(self._pipes)
-        sys.stdout = _Stream(self, "stdout", 1)
-        sys.stderr = _Stream(self, "stderr", 2)
+        sys.stdout = _Stream(self, OutputKind.STDOUT, 1)
+        sys.stderr = _Stream(self, OutputKind.STDERR, 2)
         self._thread = threading.Thread(target=self._run, name="pilot-capture", daemon=True)
         self._thread.start()
 
-    def add(self, kind: str, data: Any, extra: dict[str, Any] | None = None) -> None:
+    def add(self, kind: OutputKind, data: Any, extra: dict[str, Any] | None = None) -> None:
         """Record output under the current label (any thread)."""
         with self.lock:
             self._pending.append((self.label, kind, data, extra or {}))
@@ -176,11 +178,11 @@ class Capture:
             last = outputs[-1] if outputs else None
             if (
                 last is not None
-                and kind in ("stdout", "stderr")
+                and kind in _STREAMS
                 and last.kind == kind
                 and (last.job_id, last.index, last.item) == label
             ):
-                outputs[-1] = Output(*label, kind, last.data + data)
+                outputs[-1] = dataclasses.replace(last, data=last.data + data)
             else:
                 outputs.append(Output(*label, kind, data, extra))
         self._pending.clear()

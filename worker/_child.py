@@ -15,17 +15,23 @@ this process writes the sequence number of the task it runs there, skips a task 
 flag is set, and on SIGINT interrupts the running task only if that task's flag is set. The
 worker follows with SIGKILL if the task does not stop, and replaces the process.
 
-Task modes (``Assignment.meta["mode"]``):
+Task kinds (``Assignment.kind``):
 
-- ``call``: ``fn(*args, **kwargs)``; the result is the value.
-- ``map``: args are ``(items, start)``; ``fn(item)`` for each item, with the output label set to
-  the item's global index ``start + k``; the result is the list of values.
+- ``CALL``: ``fn(*args, **kwargs)``; the result is the value.
+- ``MAP``: args are ``(items, start)``; ``fn(item)`` for each item, with the output label set to
+  the item's global index ``start + k`` (and, with datasets, the item's shard of each as keyword
+  arguments); the result is the list of values.
+
+Functions travel as blobs named by digest (``Assignment.fn_digest``). This process keeps the
+last ``FUNCTION_CACHE`` functions it loaded (unpickled), so a hot loop never unpickles twice;
+for one it lacks it asks its worker (``GetBlob``) and waits for the ``BlobReply``, up to
+``FUNCTION_WAIT_S``, keeping any other message that arrives meanwhile for after. A function it
+cannot get fails the task as UNPICKLABLE (it cannot be loaded here; a retry would not help).
 """
 
 from __future__ import annotations
 
 import contextlib
-import linecache
 import os
 import select
 import signal
@@ -33,27 +39,49 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from gateway import Codec, Payload, dumps, loads
-from gateway import _cell as _cell_module
-from gateway._drain import readable, recv_frames, send_frames
-from gateway._messages import Assign, Goodbye, Heartbeat, Outputs, PutBlob, TaskResult, TaskResults
-from gateway._messages import TaskStatus as S
+from gateway.protocol import (
+    Assign,
+    BlobReply,
+    CellFunction,
+    Codec,
+    GetBlob,
+    Goodbye,
+    Heartbeat,
+    JobKind,
+    Outputs,
+    Payload,
+    PutBlob,
+    TaskResult,
+    TaskResults,
+    dumps,
+    loads,
+    readable,
+    recv_frames,
+    send_frames,
+)
+from gateway.protocol import TaskStatus as S
 from worker._capture import Capture
 from worker._control import Control
 from worker._display import install_display
 from worker._orphan import die_with_parent
 from worker._taskdata import TaskFiles
 
-FUNCTION_CACHE = 64
+FUNCTION_CACHE = 64  # functions kept loaded, by digest
+# A function asked of the worker: longer than the worker's own fetch from the gateway
+# (``worker._fetch.BLOB_FETCH_BASE_S``), whose clearer error should come first.
+FUNCTION_WAIT_S = 90.0
 PARENT_CHECK_S = 1.0  # while idle, how often to check that the worker is still there
 # Frames of ours that the user should not see in a task's traceback.
-_HIDDEN = {os.path.abspath(__file__), os.path.abspath(_cell_module.__file__)}
+_HIDDEN = {
+    os.path.abspath(__file__),
+    os.path.abspath(sys.modules[CellFunction.__module__].__file__ or ""),
+}
 
 
 class _TaskProcess:
@@ -78,6 +106,7 @@ class _TaskProcess:
         self._ppid = os.getppid()
         self.capture = Capture(self._emit, self._emit_results)
         self._fns: OrderedDict[str, Any] = OrderedDict()
+        self._inbox: deque[Any] = deque()  # what came while a function was awaited
         self._files = TaskFiles(files[0], files[1], self._put_blob)
         self._seq = 0  # tasks received so far (the worker counts the same way)
         self._running = 0  # the sequence number of the task whose code runs now
@@ -90,14 +119,29 @@ class _TaskProcess:
                 with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
                     os.write(self._wake_w, b"!")
 
-    def _recv(self) -> list[zmq.Frame]:
-        """The next message (blocks); the worker gone means this process ends."""
+    def _next(self) -> Any:
+        """The next message: one kept while a function was awaited, or the socket's."""
+        if self._inbox:
+            return self._inbox.popleft()
+        frames = self._recv()
+        assert frames is not None
+        return self._codec.decode(frames).msg
+
+    def _recv(self, timeout_s: float | None = None) -> list[zmq.Frame] | None:
+        """The next message's frames; blocks, or None after ``timeout_s``. The worker gone
+        means this process ends."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             with self._sock_lock:
                 if readable(self._sock):
                     return recv_frames(self._sock)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
                 self._waiting = True
-            ready, _, _ = select.select([self._fd, self._wake_r], [], [], PARENT_CHECK_S)
+            wait = PARENT_CHECK_S
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            ready, _, _ = select.select([self._fd, self._wake_r], [], [], wait)
             self._waiting = False
             if self._wake_r in ready:
                 while True:
@@ -135,12 +179,13 @@ class _TaskProcess:
         install_display(self.capture)
         self._send(Heartbeat())
         while True:
-            msg = self._codec.decode(self._recv()).msg
-            match msg:
+            match self._next():
                 case Assign(tasks=tasks):
                     self._run_batch(tasks)
                 case Goodbye():
                     return
+                case BlobReply():  # the late answer to a wait that gave up
+                    pass
 
     def _run_batch(self, tasks: tuple[Any, ...]) -> None:
         last = len(tasks) - 1
@@ -151,7 +196,7 @@ class _TaskProcess:
             try:
                 if control.cancelled(seq):
                     result = TaskResult(
-                        a.job_id, a.index, a.attempt, int(S.CANCELLED), None, "Cancelled."
+                        a.job_id, a.index, a.attempt, S.CANCELLED, None, "Cancelled."
                     )
                 else:
                     result = self.run(a, seq)
@@ -161,14 +206,13 @@ class _TaskProcess:
 
     def run(self, a: Any, seq: int) -> TaskResult:
         """Run one task; its outputs stay pending in the capture, read up to its end."""
-        mode = a.meta.get("mode", "call")
         self.capture.label = (a.job_id, a.index, -1)
         t0 = time.perf_counter()
         try:
-            fn = self._function(a.fn_key, a.fn, a.meta)
+            fn = self._function(a.fn_digest)
             args = loads(a.args)
-        except _MissingFunction as exc:  # the worker sends it with the task's next attempt
-            return self._fail(a, S.MISSING_FUNCTION, str(exc), t0, show_tb=False)
+        except _FunctionUnavailable as exc:
+            return self._fail(a, S.UNPICKLABLE, str(exc), t0, show_tb=False)
         except Exception:
             return self._fail(a, S.UNPICKLABLE, "Could not load the task on the worker", t0)
         try:
@@ -176,7 +220,7 @@ class _TaskProcess:
             if self._control.cancelled(seq):  # flagged before the handler could see it run
                 raise KeyboardInterrupt
             with self._task_files(a) as files:
-                value = self._call(a, mode, fn, args)
+                value = self._call(a, fn, args)
         except KeyboardInterrupt:
             self._running = 0
             return self._fail(a, S.CANCELLED, "Interrupted", t0, show_tb=False)
@@ -191,26 +235,26 @@ class _TaskProcess:
         except Exception as exc:
             return self._fail(a, S.UNPICKLABLE, str(exc), t0, show_tb=False)
         return TaskResult(
-            a.job_id, a.index, a.attempt, int(S.OK), payload, "", _since(t0), files=tuple(files)
+            a.job_id, a.index, a.attempt, S.OK, payload, "", _since(t0), files=tuple(files)
         )
 
-    def _call(self, a: Any, mode: str, fn: Any, args: Any) -> Any:
-        if mode != "map":
+    def _call(self, a: Any, fn: Any, args: Any) -> Any:
+        if a.kind != JobKind.MAP:
             fargs, fkwargs = args
             return fn(*fargs, **fkwargs)
         items, start = args
         value = []
-        with_data = bool(a.meta.get("data"))
+        data = a.data if a.data is not None and a.data.refs else None
         for k, item in enumerate(items):
             self.capture.label = (a.job_id, a.index, start + k)
-            if with_data:  # --data: this item's shard of each dataset, by name
-                value.append(fn(item, **self._files.datasets(a.meta, start + k)))
+            if data is not None:  # --data: this item's shard of each dataset, by name
+                value.append(fn(item, **self._files.datasets(data, start + k)))
             else:
                 value.append(fn(item))
         return value
 
     def _task_files(self, a: Any) -> contextlib.AbstractContextManager[list[Any]]:
-        return self._files.task(a.job_id, a.index, a.meta)
+        return self._files.task(a.job_id, a.index, a.data)
 
     def _fail(self, a: Any, status: S, headline: str, t0: float, show_tb: bool = True) -> Any:
         text = headline
@@ -219,26 +263,52 @@ class _TaskProcess:
         item = self.capture.label[2]
         self.capture.drain()
         self.capture.label = ("", -1, -1)
-        return TaskResult(a.job_id, a.index, a.attempt, int(status), None, text, _since(t0), item)
+        return TaskResult(a.job_id, a.index, a.attempt, status, None, text, _since(t0), item)
 
-    def _function(self, key: str, fn: Payload | None, meta: dict[str, Any]) -> Any:
-        found = self._fns.get(key)
+    def _function(self, digest: str) -> Any:
+        """The function whose blob is ``digest``, loaded (and kept). Raises
+        ``_FunctionUnavailable``, or what unpickling it raises."""
+        found = self._fns.get(digest)
         if found is not None:
-            self._fns.move_to_end(key)
+            self._fns.move_to_end(digest)
             return found
-        if fn is None:
-            raise _MissingFunction(f"function {key} is not in this process (evicted)")
-        source, filename = meta.get("source"), meta.get("filename")
-        if source and filename:  # so tracebacks show the notebook cell's lines
-            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        found = self._fns[key] = loads(fn)
+        found = self._fns[digest] = loads(self._fetch(digest))
         if len(self._fns) > FUNCTION_CACHE:
             self._fns.popitem(last=False)
         return found
 
+    def _fetch(self, digest: str) -> Payload:
+        """Ask the worker for a function's blob and wait for it, up to ``FUNCTION_WAIT_S``.
+        Other messages that arrive meanwhile are kept for ``_next``."""
+        self._send(GetBlob(digest))
+        deadline = time.monotonic() + FUNCTION_WAIT_S
+        while True:
+            frames = self._recv(max(0.0, deadline - time.monotonic()))
+            if frames is None:
+                raise _FunctionUnavailable(
+                    f"The worker did not send the task's function (blob {digest[:12]}) within "
+                    f"{FUNCTION_WAIT_S:.0f}s."
+                )
+            msg = self._codec.decode(frames).msg
+            match msg:
+                case BlobReply(digest=got, ok=ok, data=data, error=error) if got == digest:
+                    if ok and data is not None:
+                        return data
+                    raise _FunctionUnavailable(
+                        f"The task's function (blob {digest[:12]}) is not on this worker and "
+                        f"could not be had from the gateway: {error}"
+                    )
+                case BlobReply():  # the late answer to an earlier wait that gave up
+                    pass
+                case Goodbye():  # the worker is closing: it answers nothing more
+                    self._inbox.append(msg)
+                    raise _FunctionUnavailable("The worker closed while the task was loading.")
+                case _:
+                    self._inbox.append(msg)
 
-class _MissingFunction(LookupError):
-    """The task came without its function and this process no longer has it."""
+
+class _FunctionUnavailable(LookupError):
+    """The task's function could not be had from the worker."""
 
 
 def _since(t0: float) -> float:

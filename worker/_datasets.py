@@ -21,7 +21,7 @@ from typing import Any
 import fsspec.core
 from fsspec import AbstractFileSystem
 
-from gateway._dataref import DataError, DataRef
+from gateway.protocol import DataError, DataRef
 from worker._cache import DiskCache
 
 __all__ = ["filesystem", "materialize", "version_token"]

@@ -12,7 +12,7 @@ import subprocess
 
 import psutil
 
-from gateway._messages import GpuInfo
+from gateway.protocol import GpuInfo
 
 __all__ = ["cpu_count", "detect_gpus", "memory_bytes"]
 

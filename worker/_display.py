@@ -1,7 +1,7 @@
 """``IPython.display.display()`` inside a task: the MIME bundle goes back to the notebook.
 
 A task process holds a minimal IPython shell (no history, no prompt) whose display publisher
-records each published bundle as an ``Output`` of kind ``display`` under the current label, in
+records each published bundle as an ``Output`` of kind ``DISPLAY`` under the current label, in
 order with the task's printed text. ``display_id`` updates travel too.
 """
 
@@ -13,6 +13,7 @@ from IPython.core.displaypub import DisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
+from gateway.protocol import OutputKind
 from worker._capture import Capture
 
 __all__ = ["install_display"]
@@ -34,11 +35,11 @@ class _TaskDisplayPublisher(DisplayPublisher):
         if self.capture is None:
             return
         extra = {"metadata": metadata or {}, "transient": transient or {}, "update": update}
-        self.capture.add("display", _plain(data), extra)
+        self.capture.add(OutputKind.DISPLAY, _plain(data), extra)
 
     def clear_output(self, wait: bool = False) -> None:
         if self.capture is not None:
-            self.capture.add("clear_output", b"", {"wait": wait})
+            self.capture.add(OutputKind.CLEAR_OUTPUT, b"", {"wait": wait})
 
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:

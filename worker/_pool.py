@@ -1,8 +1,11 @@
 """The worker's task processes: ``slots`` long-lived children behind one IPC ROUTER socket.
 
-``TaskPool`` starts them (``python -m worker._child``), knows which are idle, interrupts a task
-(SIGINT, then SIGKILL after a grace period), and replaces any process that dies. Exits are
-reported through ``on_exit(child, returncode)`` so the worker can fail the task that ran.
+``TaskPool`` owns the socket and its unsigned codec (the socket lives in a 0700 directory: only
+this user can reach it). It starts the processes (``python -m worker._child``), knows which are
+idle, interrupts a task (SIGINT, then SIGKILL after a grace period) and reports a process's exit
+through ``on_exit(child, returncode)``, so the owner can fail the task that ran and start
+another. ``listen(on_message, end_turn)`` starts reading: each message, decoded, goes to
+``on_message(ident, msg)`` (remote sessions share the socket, under identities of their own).
 Owned by the worker's event loop.
 
 A ``Child`` holds the batch of tasks it was handed, by sequence number (see ``worker._control``:
@@ -26,7 +29,7 @@ from typing import Any
 
 import zmq
 
-from gateway._messages import Assignment, Goodbye
+from gateway.protocol import Assignment, Codec, Drain, Goodbye, send_frames
 from worker._control import Control
 
 __all__ = ["Child", "TaskPool"]
@@ -43,7 +46,6 @@ class Child:
     tasks: dict[int, Assignment] = field(default_factory=dict)  # seq -> task, in sent order
     sent: int = 0  # tasks sent to this process so far: the last sequence number used
     slots: int = 0  # slots held by its tasks
-    fns: set[str] = field(default_factory=set)
     interrupting: set[int] = field(default_factory=set)  # seqs cancelled while out
 
     def take(self, batch: list[Assignment]) -> None:
@@ -71,10 +73,13 @@ class TaskPool:
         *,
         on_exit: Callable[[Child, int], None],
         env: dict[str, str] | None = None,
+        max_message_bytes: int = 1 << 30,
     ) -> None:
         self.size = size
         self._on_exit = on_exit
         self._env = env
+        self._codec = Codec(None, max_message_bytes=max_message_bytes)
+        self._drain: Drain | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="pilot-worker-"))
         os.chmod(self._dir, 0o700)  # only this user may talk to the task processes
         self.url = f"ipc://{self._dir}/tasks"
@@ -87,6 +92,26 @@ class TaskPool:
         self._ids = itertools.count()
         self._watchers: set[asyncio.Task[None]] = set()
         self.closing = False
+
+    def listen(
+        self, on_message: Callable[[bytes, Any], None], end_turn: Callable[[], None]
+    ) -> None:
+        """Start reading the socket (on the running loop)."""
+
+        def received(frames: list[zmq.Frame]) -> None:
+            ident, *rest = frames
+            on_message(ident.bytes, self._codec.decode(rest).msg)
+
+        self._drain = Drain(self.sock, received, end_turn)
+
+    def send(self, ident: bytes, msg: Any) -> None:
+        """Send ``msg`` to the process (or session) ``ident``; dropped if it is gone."""
+        send_frames(self.sock, [ident, *self._codec.encode(msg)])
+        self.kick()  # sessions send outside turns: a send may swallow the read edge
+
+    def kick(self) -> None:
+        if self._drain is not None:
+            self._drain.kick()
 
     async def spawn(self) -> Child:
         ident = f"c{next(self._ids)}".encode()
@@ -134,27 +159,32 @@ class TaskPool:
     def all_ready(self) -> bool:
         return len(self.children) >= self.size and all(c.ready for c in self.children.values())
 
-    def interrupt(self, child: Child, seq: int, grace_s: float) -> None:
-        """Cancel task ``seq`` of ``child``: flag it, then SIGINT. A task that has not started
-        is skipped; a running one is interrupted (the process ignores the signal unless the
-        task it runs is flagged, so it is safe to send whatever runs). SIGKILL after
-        ``grace_s`` if that task still runs."""
-        child.interrupting.add(seq)
-        child.control.cancel(seq)
+    def interrupt(self, child: Child, seqs: list[int], grace_s: float) -> None:
+        """Cancel tasks ``seqs`` of ``child``: flag them all, then one SIGINT. A task that has
+        not started is skipped; a running one is interrupted (the process ignores the signal
+        unless the task it runs is flagged, so it is safe to send whatever runs). Every flag
+        is set before the signal: an interrupted task's batch-mates must not start unflagged.
+        SIGKILL after ``grace_s`` if one of them still runs."""
+        if not seqs:
+            return
+        for seq in seqs:
+            child.interrupting.add(seq)
+            child.control.cancel(seq)
         _signal(child, signal.SIGINT)
+        cancelled = frozenset(seqs)
 
         def kill() -> None:
-            if child.ident in self.children and child.control.running == seq:
+            if child.ident in self.children and child.control.running in cancelled:
                 log.info("task process %s ignored SIGINT: killing it", child.ident.decode())
                 _signal(child, signal.SIGKILL)
 
         asyncio.get_running_loop().call_later(grace_s, kill)
 
-    async def close(self, send: Callable[[bytes, Any], None], grace_s: float = 2.0) -> None:
-        """Ask every child to leave, kill those that don't, wait for all."""
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Ask every child to leave, kill those that don't, wait for all; close the socket."""
         self.closing = True
         for child in list(self.children.values()):
-            send(child.ident, Goodbye())
+            self.send(child.ident, Goodbye())
         procs = [c.proc for c in self.children.values()]
         if procs:
             _done, _pending = await asyncio.wait(
@@ -168,6 +198,8 @@ class TaskPool:
             w.cancel()
         for child in self.children.values():
             child.control.close()
+        if self._drain is not None:
+            self._drain.close()
         self.sock.close(linger=0)
         for entry in self._dir.iterdir():
             entry.unlink(missing_ok=True)

@@ -1,15 +1,15 @@
 """A remote session's process: one persistent IPython namespace on a worker.
 
-Started by the worker for an assignment whose mode is ``session`` (``%pilot remote`` in the
+Started by the worker for an assignment of kind ``JobKind.SESSION`` (``%pilot remote`` in the
 Parallel Pilot kernel), as ``python -m worker._session URL IDENTITY``, outside the task pool. It
-talks to its worker like a task process (unsigned IPC), and lives until the session ends:
+talks to its worker like a task process (unsigned IPC), and lives until the session ends. Its
+control messages travel as ``Output``s of kind ``SESSION`` whose data is a typed record:
 
-- ``Assign`` starts it; it answers with an ``Output`` of kind ``session_ready``;
-- ``TaskInput(kind="cell")`` runs a cell with IPython's ``run_cell`` (magics, the last
-  expression's value, tracebacks as IPython makes them); what the cell prints and displays
-  streams back as ``Output``s, then ``cell_done`` with the outcome;
-- ``input()``/``getpass()`` in a cell send ``input_request`` and wait for
-  ``TaskInput(kind="input_reply")``;
+- ``Assign`` starts it; it answers with ``SessionReady``;
+- ``RunCell`` runs a cell with IPython's ``run_cell`` (magics, the last expression's value,
+  tracebacks as IPython makes them); what the cell prints and displays streams back as
+  ``Output``s, then ``CellDone`` with the outcome;
+- ``input()``/``getpass()`` in a cell send ``InputRequest`` and wait for ``InputReply``;
 - SIGINT (sent by the worker on the kernel's interrupt) interrupts the running cell only;
 - ``Goodbye`` ends it; it then reports the task's result.
 
@@ -32,17 +32,22 @@ from typing import Any
 import zmq
 from IPython.core.displayhook import DisplayHook
 
-from gateway import Codec
-from gateway._messages import (
+from gateway.protocol import (
     Assign,
+    CellDone,
+    Codec,
     Goodbye,
     Heartbeat,
+    InputReply,
+    InputRequest,
+    OutputKind,
     Outputs,
-    TaskInput,
+    RunCell,
+    SessionReady,
     TaskResult,
     TaskResults,
 )
-from gateway._messages import TaskStatus as S
+from gateway.protocol import TaskStatus as S
 from worker._capture import Capture
 from worker._display import install_display
 from worker._orphan import die_with_parent
@@ -51,7 +56,7 @@ __all__ = ["main"]
 
 
 class _ResultHook(DisplayHook):
-    """The value of a cell's last expression goes back as an ``execute_result`` bundle."""
+    """The value of a cell's last expression goes back as an ``EXECUTE_RESULT`` bundle."""
 
     capture: Capture | None = None
 
@@ -61,7 +66,7 @@ class _ResultHook(DisplayHook):
     def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
         if self.capture is not None:
             extra = {"metadata": md_dict or {}, "execution_count": self.prompt_count}
-            self.capture.add("execute_result", format_dict, extra)
+            self.capture.add(OutputKind.EXECUTE_RESULT, format_dict, extra)
 
     def finish_displayhook(self) -> None:
         pass
@@ -86,7 +91,7 @@ class _Session:
         self._replies: queue.Queue[str] = queue.Queue()
         self.capture = Capture(self._emit)
         self.task: Any = None
-        self._last_error: dict[str, Any] | None = None
+        self._last_error: tuple[str, str, tuple[str, ...]] | None = None
         self._running_cell = False
 
     # -- wire -------------------------------------------------------------------------------
@@ -103,12 +108,14 @@ class _Session:
     def _read(self) -> None:
         while True:
             msg = self._codec.decode(self._in.recv_multipart()).msg
-            if isinstance(msg, TaskInput) and msg.kind == "input_reply":
-                self._replies.put(str(msg.data))
-            else:
-                self._inbox.put(msg)
-            if isinstance(msg, Goodbye):
-                return
+            match msg:
+                case InputReply(text=text):  # the main thread waits in input()
+                    self._replies.put(text)
+                case Goodbye():
+                    self._inbox.put(msg)
+                    return
+                case _:
+                    self._inbox.put(msg)
 
     def close(self) -> None:
         """Flush what is still queued (the last result), then drop the sockets."""
@@ -140,13 +147,13 @@ class _Session:
             match msg:
                 case Assign(tasks=(task, *_)):
                     self._start(task)
-                case TaskInput(kind="cell", data=data):
-                    self._cell(data)
+                case RunCell(cell_id=cell_id, code=code):
+                    self._cell(cell_id, code)
                 case Goodbye():
                     break
         if self.task is not None:
             t = self.task
-            self._send(TaskResults((TaskResult(t.job_id, t.index, t.attempt, int(S.OK)),)))
+            self._send(TaskResults((TaskResult(t.job_id, t.index, t.attempt, S.OK),)))
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -154,37 +161,29 @@ class _Session:
     def _start(self, task: Any) -> None:
         self.task = task
         self.capture.label = (task.job_id, task.index, -1)
-        info = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "python": sys.version.split()[0],
-            "cwd": os.getcwd(),
-        }
-        self.capture.add("session_ready", info)
+        ready = SessionReady(socket.gethostname(), os.getpid(), sys.version.split()[0], os.getcwd())
+        self.capture.add(OutputKind.SESSION, ready)
         self.capture.drain()
 
-    def _cell(self, data: dict[str, Any]) -> None:
+    def _cell(self, cell_id: str, code: str) -> None:
         self._last_error = None
         self._running_cell = True
         try:
-            result = self.shell.run_cell(data["code"], store_history=True, silent=False)
+            result = self.shell.run_cell(code, store_history=True, silent=False)
         finally:
             self._running_cell = False
         sys.stdout.flush()
-        outcome: dict[str, Any] = {"cell_id": data.get("cell_id", ""), "status": "ok"}
-        outcome["execution_count"] = self.shell.execution_count - 1
-        if not result.success:
-            outcome["status"] = "error"
-            outcome.update(self._last_error or {"ename": "Error", "evalue": "", "traceback": []})
-        self.capture.add("cell_done", outcome)
+        count = self.shell.execution_count - 1
+        if result.success:
+            done = CellDone(cell_id, True, count)
+        else:
+            ename, evalue, tb = self._last_error or ("Error", "", ())
+            done = CellDone(cell_id, False, count, ename, evalue, tb)
+        self.capture.add(OutputKind.SESSION, done)
         self.capture.drain()
 
     def _keep_traceback(self, etype: Any, evalue: Any, stb: list[str]) -> None:
-        self._last_error = {
-            "ename": getattr(etype, "__name__", str(etype)),
-            "evalue": str(evalue),
-            "traceback": list(stb),
-        }
+        self._last_error = (getattr(etype, "__name__", str(etype)), str(evalue), tuple(stb))
 
     def _input(self, prompt: str = "") -> str:
         return self._ask(str(prompt), password=False)
@@ -193,7 +192,7 @@ class _Session:
         return self._ask(str(prompt), password=True)
 
     def _ask(self, prompt: str, password: bool) -> str:
-        self.capture.add("input_request", prompt, {"password": password})
+        self.capture.add(OutputKind.SESSION, InputRequest(prompt, password))
         self.capture.drain()
         while True:
             try:

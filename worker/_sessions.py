@@ -1,11 +1,11 @@
 """The worker's remote sessions: ``SessionHost`` starts and tends session processes.
 
-An assignment whose mode is ``session`` does not go to the task pool: it gets a process of its
-own (``worker._session``) that lives as long as the session, connected to the worker's IPC
-socket like a task process. The host forwards the client's ``TaskInput``s to it (cells and
-``input()`` replies to its inbox; an interrupt becomes SIGINT), passes its outputs and final
-result to the worker, ends it on cancel (goodbye, then SIGKILL after the grace period), and
-reports a session whose process died as crashed. Owned by the worker's event loop.
+An assignment of kind ``JobKind.SESSION`` does not go to the task pool: it gets a process of
+its own (``worker._session``) that lives as long as the session, connected to the worker's IPC
+socket like a task process. The host relays the client's messages to it by type (``RunCell``
+and ``InputReply`` to its inbox; ``InterruptTask`` becomes SIGINT), passes its outputs and final
+result on, ends it on cancel (goodbye, then SIGKILL after the grace period), and reports a
+session whose process died as crashed. Owned by the worker's event loop.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway._messages import (
+from gateway.protocol import (
     Assign,
     Assignment,
     Goodbye,
     Heartbeat,
+    InputReply,
+    InterruptTask,
     Outputs,
-    TaskInput,
+    RunCell,
     TaskResult,
     TaskResults,
     TaskStatus,
@@ -104,15 +106,18 @@ class SessionHost:
                 for r in results:
                     self._end(session, r)
 
-    def input(self, msg: TaskInput) -> None:
+    def relay(self, msg: RunCell | InputReply | InterruptTask) -> None:
+        """A message from the session's client, for the session running task ``msg.index``
+        of job ``msg.job_id`` (dropped if none runs here: the client learns of its end)."""
         for session in self._sessions():
             if (session.task.job_id, session.task.index) != (msg.job_id, msg.index):
                 continue
-            if msg.kind == "interrupt":
-                with contextlib.suppress(ProcessLookupError):
-                    session.proc.send_signal(signal.SIGINT)
-            else:
-                self._send(session.ident + b":in", msg)
+            match msg:
+                case InterruptTask():  # the running cell only; the session lives on
+                    with contextlib.suppress(ProcessLookupError):
+                        session.proc.send_signal(signal.SIGINT)
+                case RunCell() | InputReply():
+                    self._send(session.ident + b":in", msg)
 
     def cancel(self, attempts: set[tuple[str, int, int]]) -> None:
         for session in self._sessions():
@@ -145,9 +150,7 @@ class SessionHost:
         self._by_ident.pop(session.ident + b":in", None)
         t = session.task
         text = f"The remote session's process ended (exit code {code})."
-        self._end(
-            session, TaskResult(t.job_id, t.index, t.attempt, int(TaskStatus.CRASHED), None, text)
-        )
+        self._end(session, TaskResult(t.job_id, t.index, t.attempt, TaskStatus.CRASHED, None, text))
 
     async def close(self) -> None:
         for session in self._sessions():

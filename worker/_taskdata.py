@@ -3,14 +3,15 @@
 ``TaskFiles`` is created once per task process (it holds the process's handle on the worker's
 disk cache, shared by all of the worker's processes). For a task whose job has any of them:
 
-- ``datasets(meta, item)``: the keyword arguments an item gets, ``{NAME: [local paths]}`` (or
-  fsspec ``OpenFile``s in ``open`` mode), its shard of each ``--data`` list, fetched through
-  the cache (a second task wanting the same object waits for the first download);
-- ``task(job_id, index, meta)``: a context for the task: the working directory is the job's
+- ``datasets(data, item)``: the keyword arguments an item gets, ``{NAME: [local paths]}`` (or
+  fsspec ``OpenFile``s in ``open`` mode), its shard of each ``--data`` list (``JobData.refs``
+  and ``shard_over``), fetched through the cache (a second task wanting the same object waits
+  for the first download);
+- ``task(job_id, index, data)``: a context for the task: the working directory is the job's
   directory, where shipped files appear under their relative paths (links to the blobs the
   worker fetched into its cache), and ``pilot.output_dir()`` is an empty directory of its own;
   on the way out the files written there become ``FileRef``s: stored in the gateway (``put``
-  sends each blob ahead of the result) or written to the job's ``results`` URL.
+  sends each blob ahead of the result) or written to the job's ``results_url``.
 """
 
 from __future__ import annotations
@@ -23,18 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gateway import DataError, Payload
-from gateway._jobdata import data_from_meta
-from gateway._messages import FileRef
+from gateway.protocol import DataError, FileRef, JobData, Payload
 from worker._cache import DiskCache
 from worker._datasets import filesystem, materialize
+from worker._shipped import blob_path
 
-__all__ = ["TaskFiles", "blob_path"]
-
-
-def blob_path(cache_dir: Path, digest: str) -> Path:
-    """Where the worker keeps a blob fetched from the gateway (a shipped file)."""
-    return cache_dir / "blobs" / digest[:2] / digest
+__all__ = ["TaskFiles"]
 
 
 class TaskFiles:
@@ -47,26 +42,17 @@ class TaskFiles:
         self.cache_dir = cache_dir
         self.cache = DiskCache(cache_dir / "data", cache_bytes)
         self._put = put
-        self._refs: dict[str, Any] = {}
 
-    def datasets(self, meta: dict[str, Any], item: int) -> dict[str, list[Any]]:
-        refs, shards = self._datasets_of(meta)
+    def datasets(self, data: JobData, item: int) -> dict[str, list[Any]]:
+        """Item ``item``'s keyword arguments: its shard of each dataset, by name."""
+        shards = data.shard_over
         return {
             ref.name: materialize(ref.sharded(item, shards) if shards else ref, self.cache)
-            for ref in refs
+            for ref in data.refs
         }
 
-    def _datasets_of(self, meta: dict[str, Any]) -> tuple[list[Any], int]:
-        key = repr(meta.get("data_keys"))  # the same job's tasks share one parse
-        found = self._refs.get(key)
-        if found is None:
-            found = self._refs[key] = data_from_meta(meta)
-            if len(self._refs) > 16:
-                self._refs.pop(next(iter(self._refs)))
-        return found
-
     @contextlib.contextmanager
-    def task(self, job_id: str, index: int, meta: dict[str, Any]) -> Iterator[list[FileRef]]:
+    def task(self, job_id: str, index: int, data: JobData | None) -> Iterator[list[FileRef]]:
         """Enter the task's context; the yielded list is filled with its result files when
         the context exits normally. Cheap for a task that reads and writes no files: one
         environment variable and one ``stat``; the output directory exists only if the task
@@ -74,25 +60,25 @@ class TaskFiles:
         out = self.cache_dir / "outputs" / f"{job_id}-{index}-{os.getpid()}"
         os.environ["PILOT_OUTPUT_DIR"] = str(out)  # read by pilot.output_dir() in the task
         old_cwd = None
-        if meta.get("ship"):
+        if data is not None and data.ship:
             work = self.cache_dir / "jobs" / job_id
             work.mkdir(parents=True, exist_ok=True)
-            for f in meta["ship"]:
-                self._link(work, f["path"], f["digest"])
+            for f in data.ship:
+                self._link(work, f.path, f.digest)
             old_cwd = os.getcwd()
             os.chdir(work)
         files: list[FileRef] = []
         try:
             yield files
             if out.exists():
-                files.extend(self._collect(out, job_id, meta.get("results") or ""))
+                files.extend(self._collect(out, job_id, data.results_url if data else ""))
         finally:
             os.environ.pop("PILOT_OUTPUT_DIR", None)
             if old_cwd is not None:
                 os.chdir(old_cwd)
             if out.exists():
                 shutil.rmtree(out, ignore_errors=True)
-            if meta.get("data"):
+            if data is not None and data.refs:
                 self.cache.release()
 
     def _link(self, work: Path, rel: str, digest: str) -> None:

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway._errors import PilotError
+from gateway.protocol import VideoError
 
 __all__ = ["VideoError", "count_frames", "filmstrip", "make_video"]
 
@@ -32,10 +32,6 @@ VIDEO_TIMEOUT_S = 600.0  # ffmpeg encodes 1,000 1080p frames well within this on
 STDERR_TAIL_CHARS = 2000  # of ffmpeg's stderr, quoted in a VideoError
 FILMSTRIP_GAP_PX = 2
 VIDEO_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class VideoError(PilotError):
-    """ffmpeg could not make or read a video; the message quotes its stderr."""
 
 
 def _ffmpeg() -> str:

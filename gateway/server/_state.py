@@ -12,6 +12,7 @@ the blob store, referenced by digest.
 from __future__ import annotations
 
 import hashlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -19,22 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
-from gateway._blobs import BlobStore, pack_payload, unpack_payload
-from gateway._errors import ConfigError
-from gateway._messages import JobInfo, JobSpec, Output, Payload, Resources, Status, TaskDone
+from gateway.protocol import (
+    ConfigError,
+    JobInfo,
+    JobSpec,
+    Output,
+    Payload,
+    Status,
+    TaskDone,
+    TaskStatus,
+    pack_record,
+    unpack_record,
+)
+from gateway.server._blobs import BlobStore, pack_payload, unpack_payload
 
 __all__ = ["StateStore", "UnfinishedJob"]
+
+log = logging.getLogger("pilot.gateway")
 
 KNOWN_JOBS_CHUNK = 900  # ids per query (SQLite allows 999 parameters by default)
 _JOB_RUNNING = "UPDATE jobs SET state=? WHERE id=? AND state=?"
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS functions (key TEXT PRIMARY KEY, payload BLOB, ref TEXT);
 CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, name TEXT, fn_key TEXT, n_tasks INTEGER, resources BLOB,
-    timeout_s REAL, retries INTEGER, meta BLOB, state INTEGER, error TEXT,
+    id TEXT PRIMARY KEY, name TEXT, n_tasks INTEGER, spec BLOB, state INTEGER, error TEXT,
     created REAL, finished REAL, done INTEGER DEFAULT 0, failed INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tasks (
     job_id TEXT, idx INTEGER, args BLOB, args_ref TEXT,
@@ -73,6 +82,7 @@ class UnfinishedJob:
     spec: JobSpec
     settled: tuple[int, ...]
     out: tuple[tuple[int, int, str], ...]  # (index, attempt, worker) without an outcome
+    created: float = 0.0
 
 
 class StateStore:
@@ -102,10 +112,19 @@ class StateStore:
                 f"The state in {path.parent} is in use by another gateway (its database is "
                 "locked). Stop that gateway, or give this one another --state directory."
             ) from exc
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "spec" not in columns:
+            self._db.close()
+            raise ConfigError(
+                f"The state in {path.parent} was written by an older Parallel Pilot (its jobs "
+                "table has no spec column): give this gateway another --state directory, or "
+                "remove that one once its jobs are no longer needed."
+            )
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
         # jobs that started running since the last flush; a job that also ended meanwhile
         # needs one write, not two (short jobs start and end within one turn)
         self._running: dict[str, None] = {}
+        self._failure: sqlite3.Error | None = None  # the last commit's error, until one works
 
     def close(self) -> None:
         self.flush()
@@ -116,22 +135,47 @@ class StateStore:
     def _later(self, sql: str, row: tuple[Any, ...]) -> None:
         self._pending.setdefault(sql, []).append(row)
 
-    def flush(self) -> int:
-        """Commit everything buffered in one transaction; return the number of rows."""
+    @property
+    def healthy(self) -> bool:
+        """False while the last commit failed (its rows wait in memory for the next one)."""
+        return self._failure is None
+
+    def flush(self) -> bool:
+        """Commit everything buffered in one transaction. Returns True when everything written
+        so far is on disk. A failed commit (a full disk, ``SQLITE_FULL``) is rolled back, logged
+        with its traceback, and keeps its rows buffered for the next call: nothing is lost, and
+        the caller must not send what those rows record."""
         if not self._pending and not self._running:
-            return 0
-        pending, self._pending = self._pending, {}
+            return self._failure is None
+        pending = dict(self._pending)
         if self._running:
             rows = [(int(Status.RUNNING), job_id, int(Status.QUEUED)) for job_id in self._running]
             pending[_JOB_RUNNING] = rows
-            self._running = {}
-        n = 0
-        with self._db:
-            self._db.execute("BEGIN")
-            for sql, rows in pending.items():
-                self._db.executemany(sql, rows)
-                n += len(rows)
-        return n
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                for sql, rows in pending.items():
+                    self._db.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            if self._failure is None:
+                log.exception("could not commit the gateway's state; holding it in memory")
+            self._failure = exc
+            return False
+        if self._failure is not None:
+            log.warning("the gateway's state is written again (%s is over)", self._failure)
+        self._failure = None
+        self._pending = {}
+        self._running = {}
+        return True
+
+    def page_count(self) -> int:
+        """The database's size in pages (see ``limit_pages``)."""
+        return int(self._db.execute("PRAGMA page_count").fetchone()[0])
+
+    def limit_pages(self, pages: int) -> None:
+        """Cap the database at ``pages`` pages (0: no cap beyond SQLite's own): an operator's
+        limit on how much state the gateway may keep; writes past it fail like a full disk."""
+        self._db.execute(f"PRAGMA max_page_count = {int(pages) or 4294967294}")
 
     def _payload_columns(self, p: Payload) -> tuple[bytes | None, str | None]:
         if p.nbytes <= self.inline_bytes:
@@ -141,28 +185,12 @@ class StateStore:
     def _payload_from(self, raw: bytes | None, ref: str | None) -> Payload:
         return unpack_payload(raw) if raw is not None else self.blobs.get(ref or "")
 
-    def put_function(self, key: str, fn: Payload) -> None:
-        raw, ref = self._payload_columns(fn)
-        self._later("INSERT OR IGNORE INTO functions VALUES (?, ?, ?)", (key, raw, ref))
-
     def add_job(self, spec: JobSpec, args: Iterable[Payload], now: float) -> None:
-        r = spec.resources
+        """The job (its whole spec, every field of it) and its tasks' arguments."""
         self._later(
-            "INSERT OR IGNORE INTO jobs (id, name, fn_key, n_tasks, resources, timeout_s, "
-            "retries, meta, state, error, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                spec.job_id,
-                spec.name,
-                spec.fn_key,
-                spec.n_tasks,
-                msgpack.packb([r.cpus, r.gpus, list(r.tags)]),
-                spec.timeout_s,
-                spec.retries,
-                msgpack.packb(spec.meta),
-                int(Status.QUEUED),
-                "",
-                now,
-            ),
+            "INSERT OR IGNORE INTO jobs (id, name, n_tasks, spec, state, error, created) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (spec.job_id, spec.name, spec.n_tasks, pack_record(spec), int(Status.QUEUED), "", now),
         )
         for i, a in enumerate(args):
             raw, ref = self._payload_columns(a)
@@ -185,7 +213,7 @@ class StateStore:
         self._later(
             "UPDATE attempts SET status=?, error=?, started=?, finished=? "
             "WHERE job_id=? AND idx=? AND attempt=?",
-            (status, error, started, time.time(), job_id, index, attempt),
+            (int(status), error, started, time.time(), job_id, index, attempt),
         )
 
     def task_settled(self, done: TaskDone) -> None:
@@ -195,7 +223,7 @@ class StateStore:
             "duration_s=?, finished=?, item=?, args=NULL "
             "WHERE job_id=? AND idx=? AND status IS NULL",
             (
-                done.status,
+                int(done.status),
                 raw,
                 ref,
                 done.error,
@@ -220,17 +248,13 @@ class StateStore:
         self._running[job_id] = None
 
     def add_output(self, out: Output) -> None:
-        record = msgpack.packb([out.item, out.kind, out.data, out.extra])
+        record = pack_record(out)
         self._later(
             "INSERT INTO outputs (job_id, idx, record) VALUES (?,?,?)",
             (out.job_id, out.index, record),
         )
 
     # -- reads ------------------------------------------------------------------------------
-
-    def function(self, key: str) -> Payload | None:
-        row = self._db.execute("SELECT payload, ref FROM functions WHERE key=?", (key,)).fetchone()
-        return self._payload_from(*row) if row else None
 
     def known_jobs(self, job_ids: list[str]) -> set[str]:
         """Which of ``job_ids`` are stored (committed): one query per thousand ids."""
@@ -250,39 +274,21 @@ class StateStore:
             raise KeyError(f"no arguments stored for task {job_id}[{index}]")
         return self._payload_from(*row)
 
-    def _spec(self, row: tuple[Any, ...]) -> JobSpec:
-        job_id, name, fn_key, n_tasks, res, timeout_s, retries, meta = row
-        cpus, gpus, tags = msgpack.unpackb(res)
-        return JobSpec(
-            job_id,
-            name,
-            fn_key,
-            None,
-            n_tasks,
-            Resources(cpus, gpus, tuple(tags)),
-            timeout_s,
-            retries,
-            msgpack.unpackb(meta),
-        )
-
-    _SPEC_COLUMNS = "id, name, fn_key, n_tasks, resources, timeout_s, retries, meta"
-
     def job_spec(self, job_id: str) -> tuple[JobSpec, Status, str] | None:
         row = self._db.execute(
-            f"SELECT {self._SPEC_COLUMNS}, state, error FROM jobs WHERE id=?", (job_id,)
+            "SELECT spec, state, error FROM jobs WHERE id=?", (job_id,)
         ).fetchone()
         if row is None:
             return None
-        return self._spec(row[:8]), Status(row[8]), row[9]
+        return unpack_record(row[0]), Status(row[1]), row[2]
 
     def unfinished_jobs(self) -> list[UnfinishedJob]:
         out = []
-        for row in self._db.execute(
+        for raw, created in self._db.execute(
             # a literal bound, so that the partial index of unfinished jobs applies
-            f"SELECT {self._SPEC_COLUMNS} FROM jobs WHERE state < {int(Status.DONE)} "
-            "ORDER BY created",
+            f"SELECT spec, created FROM jobs WHERE state < {int(Status.DONE)} ORDER BY created",
         ).fetchall():
-            spec = self._spec(row)
+            spec: JobSpec = unpack_record(raw)
             settled = tuple(
                 i
                 for (i,) in self._db.execute(
@@ -296,7 +302,7 @@ class StateStore:
                 "WHERE b.job_id=a.job_id AND b.idx=a.idx)",
                 (spec.job_id,),
             ).fetchall()
-            out.append(UnfinishedJob(spec, settled, tuple(running)))
+            out.append(UnfinishedJob(spec, settled, tuple(running), created))
         return out
 
     def settled_tasks(self, job_id: str) -> list[TaskDone]:
@@ -309,7 +315,7 @@ class StateStore:
             TaskDone(
                 job_id,
                 idx,
-                status,
+                TaskStatus(status),
                 self._payload_from(raw, ref) if (raw is not None or ref) else None,
                 error or "",
                 worker or "",
@@ -327,9 +333,8 @@ class StateStore:
             sql += " AND idx=?"
             params += (index,)
         result = []
-        for idx, record in self._db.execute(sql + " ORDER BY seq", params):
-            item, kind, data, extra = msgpack.unpackb(record, raw=False)
-            result.append(Output(job_id, idx, item, kind, data, extra))
+        for _idx, record in self._db.execute(sql + " ORDER BY seq", params):
+            result.append(unpack_record(record))
         return result
 
     def jobs(self, limit: int = 50) -> list[JobInfo]:
@@ -339,6 +344,6 @@ class StateStore:
             (limit,),
         ).fetchall()
         return [
-            JobInfo(i, n, s, nt, d or 0, f or 0, c, fin or 0.0, e or "")
+            JobInfo(i, n, Status(s), nt, d or 0, f or 0, c, fin or 0.0, e or "")
             for i, n, s, nt, d, f, c, fin, e in rows
         ]

@@ -21,8 +21,8 @@ from typing import Any
 
 import cloudpickle
 
-from gateway._errors import SerializationError
-from gateway._messages import Payload
+from gateway.protocol._errors import SerializationError
+from gateway.protocol._messages import Payload
 
 __all__ = ["digest_of", "dumps", "dumps_function", "loads"]
 
@@ -109,8 +109,9 @@ def loads(payload: Payload) -> Any:
 
 
 def digest_of(payload: Payload) -> str:
-    """A content key for a payload (used to send a function once per peer)."""
+    """A payload's blob digest: the SHA-256 (hex) of its data then each buffer, as the blob
+    store computes it (a function travels and is fetched under this digest)."""
     h = hashlib.sha256(payload.data)
     for buf in payload.buffers:
         h.update(buf)
-    return h.hexdigest()[:32]
+    return h.hexdigest()

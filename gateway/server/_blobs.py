@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgpack
 
-from gateway._messages import Payload
+from gateway.protocol import Payload
 
 __all__ = ["BlobStore", "pack_payload", "unpack_payload"]
 

@@ -9,7 +9,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from gateway._messages import Resources, Status
+from gateway.protocol import Resources, Status
 
 # -- state ------------------------------------------------------------------------------------
 
@@ -18,6 +18,7 @@ class _T(enum.Enum):
     QUEUED = "queued"
     OUT = "out"  # assigned to a worker (queued there or running)
     ORPHAN = "orphan"  # out on a worker when the gateway restarted
+    HELD = "held"  # a rank that finished OK: settled when its whole gang has
     FINAL = "final"
 
 
@@ -42,8 +43,17 @@ class _Job:
     tasks: list[_Task]
     queue: deque[int] = field(default_factory=deque)
     unsettled: int = 0
-    failed: int = 0
+    done: int = 0  # tasks that succeeded
+    failed: int = 0  # tasks that failed for good
     state: Status = Status.QUEUED
+    retry_errors: bool = False
+    # a gang (training ranks): placed all at once; any rank's failure restarts the whole group
+    gang: bool = False
+    world: int = 0  # ranks in the current group (it may shrink on a restart, to min_tasks)
+    min_tasks: int = 0
+    restarts: int = 0  # group restarts allowed
+    restart_count: int = 0
+    waiting_said: bool = False
     duration_sum_s: float = 0.0
     duration_n: int = 0
     bad_workers: dict[str, int] = field(default_factory=dict)

@@ -14,7 +14,7 @@ import tornado.netutil
 import tornado.web
 
 if TYPE_CHECKING:
-    from gateway._server import Gateway
+    from gateway.server._server import Gateway
 
 __all__ = ["start_http"]
 
@@ -41,7 +41,7 @@ class _Status(tornado.web.RequestHandler):
         self.gateway = gateway
 
     def get(self) -> None:
-        reply = self.gateway._status_reply()
+        reply = self.gateway.status_reply()
         recent = self.gateway.store.jobs(20)
         running = {j.job_id for j in reply.jobs}
         jobs = [asdict(j) for j in reply.jobs] + [

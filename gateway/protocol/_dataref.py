@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway._errors import DataError
+from gateway.protocol._errors import DataError
 
 __all__ = ["MODES", "DataError", "DataRef", "redact", "resolve", "shard"]
 

@@ -1,11 +1,15 @@
 """The scheduler: a pure state machine. Events in, instructions out, the clock injected.
 
+(Longer than 400 lines because it is one state machine: every transition of a job, a task and
+a worker is here, so that a reader sees them together; gang placement's arithmetic lives in
+``_gang``, its vocabulary in ``_sched_events``, its records in ``_sched_state``.)
+
 It knows jobs, tasks, attempts and workers by name and number only: no sockets, no payloads,
 no database. ``Scheduler.handle(event)`` returns the instructions the server must carry out
 (assign, cancel, record an outcome). Every event carries ``now``; the scheduler never reads a
 clock, so tests drive time by hand.
 
-Policies, in one place:
+Policies (their knobs are ``SchedulingPolicy``'s, ``gateway.protocol._policy``):
 
 - Workers pull: each worker holds at most its slots' worth of running tasks plus ``prefetch``
   queued ones, and the prefetch is only used for jobs whose tasks are short (mean duration under
@@ -15,13 +19,25 @@ Policies, in one place:
   one, that of the recent jobs of the same ``family`` (the function).
 - Fair across jobs: assignments go round-robin over jobs with queued tasks.
 - A task needs ``max(1, cpus)`` slots, ``gpus`` GPUs and all of its ``tags`` on the worker.
-- A failed attempt is retried up to ``retries`` times, on another worker where one fits; a
-  worker with ``BAD_WORKER_FAILURES`` failures in a job is kept off that job while another
-  worker can run it. Unpicklable arguments or results are not retried: they would fail again.
+- Retries by cause: an attempt the machine failed (worker lost, process crashed, timeout) is
+  retried up to ``retries`` times, on another worker where one fits; one whose code raised
+  fails its task at once unless the job asked for ``retry_errors``; unpicklable arguments or
+  results are never retried (they would fail again). A worker with ``bad_worker_failures``
+  failures in a job is kept off that job while another worker can run it.
+- A job that no connected worker can ever run (resources, tags) is reported ``Unschedulable``
+  (the server fails it when ``fail_unschedulable``).
 - A worker silent for ``heartbeat_timeout_s`` is lost; its tasks go back to the queue at once.
 - After a gateway restart, tasks that were out on workers are orphans: a returning worker that
   still runs one adopts it; the rest are requeued after ``orphan_grace_s``.
 - The first OK result of a task wins; anything later is ignored (results are recorded once).
+- Gangs (training ranks): a gang is placed only when all its ranks fit now, on free slots,
+  packed onto as few workers as possible; never prefetched. A gang no connected pool could
+  ever hold is unschedulable; one that must wait for busy workers says so once
+  (``GangWaiting``). A rank that finishes OK is held until every rank has; any rank's failure
+  stops the group (the other ranks are cancelled) and, for a machine-side cause or a code error
+  after the rank reported progress, restarts it (``GangRestarted``) up to ``restarts`` times,
+  on fewer ranks (down to ``min_tasks``) if the pool can no longer hold them all; a code error
+  before any progress (an ImportError, a typo) fails the job at once.
 - Locality: a task may carry a data key (what it reads); a worker is offered first the tasks
   whose data it read last, across jobs, so a rerun finds its files in that worker's cache.
 """
@@ -31,15 +47,20 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from gateway._messages import Status, TaskAttempt, TaskStatus
-from gateway._sched_events import (
+from gateway.protocol import DEFAULT_POLICY, SchedulingPolicy, Status, TaskAttempt, TaskStatus
+from gateway.server import _gang as gang
+from gateway.server._sched_events import (
+    AssignGang,
     AssignTask,
     CancelAttempt,
     Event,
+    GangRestarted,
+    GangWaiting,
     Instruction,
     JobAdded,
     JobCancel,
     JobSettled,
+    JobStarted,
     TaskFinished,
     TaskSettled,
     TaskStarted,
@@ -51,14 +72,18 @@ from gateway._sched_events import (
     WorkerJoined,
     WorkerLeft,
 )
-from gateway._sched_state import _T, _Job, _Task, _Worker
+from gateway.server._sched_state import _T, _Job, _Task, _Worker
 
 __all__ = [
+    "AssignGang",
     "AssignTask",
     "CancelAttempt",
+    "GangRestarted",
+    "GangWaiting",
     "JobAdded",
     "JobCancel",
     "JobSettled",
+    "JobStarted",
     "Scheduler",
     "TaskFinished",
     "TaskSettled",
@@ -71,10 +96,7 @@ __all__ = [
     "WorkerLeft",
 ]
 
-BAD_WORKER_FAILURES = 3
-LOCALITY_SCAN = 256  # queued tasks looked at to find one whose data a worker has cached
-FAMILIES_KEPT = 1024  # job families whose mean task duration is remembered
-_NO_RETRY = (TaskStatus.UNPICKLABLE,)
+_NEVER_RETRIED = (TaskStatus.UNPICKLABLE, TaskStatus.CANCELLED)
 
 
 class Scheduler:
@@ -82,24 +104,19 @@ class Scheduler:
 
     def __init__(
         self,
+        policy: SchedulingPolicy = DEFAULT_POLICY,
         *,
         heartbeat_timeout_s: float = 5.0,
         orphan_grace_s: float = 5.0,
-        prefetch: int = 4,
-        prefetch_max_task_s: float = 0.5,
-        prefetch_max: int = 64,
-        prefetch_window_s: float = 0.01,
     ) -> None:
+        self.policy = policy
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.orphan_grace_s = orphan_grace_s
-        self.prefetch = prefetch
-        self.prefetch_max_task_s = prefetch_max_task_s
-        self.prefetch_max = prefetch_max
-        self.prefetch_window_s = prefetch_window_s
         self._family_mean: dict[str, float] = {}  # family -> recent mean task duration, s
         self.jobs: dict[str, _Job] = {}
         self.workers: dict[str, _Worker] = {}
         self._active: deque[str] = deque()  # jobs with queued tasks, round-robin order
+        self._gangs: deque[str] = deque()  # gangs waiting to be placed, oldest first
         self._out: list[Instruction] = []
         self._orphans: list[tuple[str, _Task]] = []
         self._data_home: dict[str, str] = {}  # data key -> the worker that last read it
@@ -138,6 +155,20 @@ class Scheduler:
         w = self.workers.get(worker)
         return len(w.out) if w else 0
 
+    def job_progress(self, job_id: str) -> tuple[Status, int, int]:
+        """A live job's (state, tasks done, tasks failed); QUEUED, 0, 0 for an unknown one."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return Status.QUEUED, 0, 0
+        return job.state, job.done, job.failed
+
+    def workers_of(self, job_id: str) -> list[str]:
+        """The workers a job's tasks are out on, each once (a gang's group)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return []
+        return list(dict.fromkeys(t.worker for t in job.tasks if t.state is _T.OUT))
+
     def worker_of(self, job_id: str, index: int) -> str | None:
         """The worker a task is out on, if it is."""
         job = self.jobs.get(job_id)
@@ -149,6 +180,9 @@ class Scheduler:
     def _job_added(self, ev: JobAdded) -> None:
         job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, [], family=ev.family)
         job.data_keys = ev.data_keys
+        job.retry_errors = ev.retry_errors
+        job.gang, job.world, job.restarts = ev.gang, ev.n_tasks, ev.restarts
+        job.min_tasks = min(ev.min_tasks, ev.n_tasks) if ev.min_tasks > 0 else ev.n_tasks
         job.tasks = [_Task(i) for i in range(ev.n_tasks)]
         settled = set(ev.settled)
         for t in job.tasks:
@@ -165,12 +199,26 @@ class Scheduler:
         if job.unsettled == 0:
             self._settle_job(job)
             return
+        if job.gang:
+            self._gangs.append(job.job_id)
+            if self.workers and self._gang_capacity(job) < job.min_tasks:
+                self._unschedulable(job)
+            return
         if job.queue:
             self._active.append(job.job_id)
         if self.workers and not any(w.can_ever_run(job.resources) for w in self.workers.values()):
-            self._out.append(Unschedulable(job.job_id, job.resources))
+            self._unschedulable(job)
 
-    def _cancel_job(self, job_id: str) -> None:
+    def _gang_capacity(self, job: _Job) -> int:
+        return sum(gang.capacity(w, job.resources) for w in self.workers.values())
+
+    def _unschedulable(self, job: _Job) -> None:
+        ranks = job.min_tasks if job.gang else 0
+        self._out.append(Unschedulable(job.job_id, job.resources, ranks))
+        if self.policy.fail_unschedulable:
+            self._cancel_job(job.job_id, Status.FAILED)
+
+    def _cancel_job(self, job_id: str, state: Status = Status.CANCELLED) -> None:
         job = self.jobs.get(job_id)
         if job is None or job.state.finished:
             return
@@ -186,13 +234,13 @@ class Scheduler:
                 TaskSettled(job_id, t.index, TaskStatus.CANCELLED, t.attempt, t.worker, t.attempt)
             )
         job.unsettled = 0
-        job.state = Status.CANCELLED
-        self._out.append(JobSettled(job_id, Status.CANCELLED))
+        job.state = state
+        self._out.append(JobSettled(job_id, state, job.done, job.failed))
         self.jobs.pop(job_id, None)
 
     def _settle_job(self, job: _Job) -> None:
         job.state = Status.FAILED if job.failed else Status.DONE
-        self._out.append(JobSettled(job.job_id, job.state))
+        self._out.append(JobSettled(job.job_id, job.state, job.done, job.failed))
         self.jobs.pop(job.job_id, None)
 
     # -- workers --------------------------------------------------------------------------
@@ -227,11 +275,14 @@ class Scheduler:
                 self._take(w, job, t)
             else:
                 self._out.append(CancelAttempt(w.name, a.job_id, a.index, a.attempt))
-        for job in self.jobs.values():
-            if job.state is Status.QUEUED and not any(
-                x.can_ever_run(job.resources) for x in self.workers.values()
-            ):
-                self._out.append(Unschedulable(job.job_id, job.resources))
+        for job in list(self.jobs.values()):
+            if job.state is not Status.QUEUED:
+                continue
+            if job.gang:
+                if self._gang_capacity(job) < job.min_tasks:
+                    self._unschedulable(job)
+            elif not any(x.can_ever_run(job.resources) for x in self.workers.values()):
+                self._unschedulable(job)
 
     def _worker_draining(self, name: str, handed_back: tuple[TaskAttempt, ...]) -> None:
         w = self.workers.get(name)
@@ -242,6 +293,9 @@ class Scheduler:
             t = w.out.get((a.job_id, a.index))
             job = self.jobs.get(a.job_id)
             if t is not None and job is not None and t.attempt == a.attempt:
+                if job.gang:
+                    self._rank_failed(job, t, name, TaskStatus.LOST, True, w)
+                    continue
                 self._release(job, t, w)
                 self._requeue(job, t)
 
@@ -265,6 +319,7 @@ class Scheduler:
             t.started_at = ev.now
             if job.state is Status.QUEUED:
                 job.state = Status.RUNNING
+                self._out.append(JobStarted(job.job_id))
 
     def _task_finished(self, ev: TaskFinished) -> None:
         job = self.jobs.get(ev.job_id)
@@ -289,28 +344,117 @@ class Scheduler:
                 old = self._family_mean.pop(job.family, None)  # re-inserted: most recent last
                 d = ev.duration_s if old is None else 0.8 * old + 0.2 * ev.duration_s
                 self._family_mean[job.family] = d
-                if len(self._family_mean) > FAMILIES_KEPT:
+                if len(self._family_mean) > self.policy.families_kept:
                     del self._family_mean[next(iter(self._family_mean))]
-            self._final(job, t, TaskStatus.OK, ev.attempt, ev.worker)
-        elif current and t.state is _T.OUT and ev.status == TaskStatus.MISSING_FUNCTION:
-            self._release(job, t)  # a cache miss, not a failure: again, with the function
-            self._requeue(job, t)
+            if job.gang:
+                self._rank_done(job, t)
+            else:
+                self._final(job, t, TaskStatus.OK, ev.attempt, ev.worker)
         elif current and t.state is _T.OUT:
-            self._attempt_failed(job, t, ev.worker, ev.status, self.workers.get(ev.worker))
+            w = self.workers.get(ev.worker)
+            if job.gang:
+                self._rank_failed(job, t, ev.worker, ev.status, ev.progressed, w)
+            else:
+                self._attempt_failed(job, t, ev.worker, ev.status, w)
 
     def _attempt_failed(
         self, job: _Job, t: _Task, worker: str, status: TaskStatus, w: _Worker | None
     ) -> None:
+        if job.gang:
+            self._rank_failed(job, t, worker, status, False, w)
+            return
         if w is not None and w.out.get((job.job_id, t.index)) is t:
             self._release(job, t, w)
         t.failures += 1
         t.failed_on.add(worker)
         job.bad_workers[worker] = job.bad_workers.get(worker, 0) + 1
-        if status in _NO_RETRY or t.failures > job.retries:
+        retried = status.machine_side or (status == TaskStatus.ERROR and job.retry_errors)
+        if status in _NEVER_RETRIED or not retried or t.failures > job.retries:
             job.failed += 1
             self._final(job, t, status, t.attempt, worker)
             return
         self._requeue(job, t)
+
+    # -- gangs ----------------------------------------------------------------------------
+
+    def _rank_done(self, job: _Job, t: _Task) -> None:
+        t.state = _T.HELD
+        live = [x for x in job.tasks if x.state is not _T.FINAL]
+        if all(x.state is _T.HELD for x in live):  # the whole group succeeded
+            for x in live:
+                self._final(job, x, TaskStatus.OK, x.attempt, x.worker)
+
+    def _rank_failed(
+        self,
+        job: _Job,
+        t: _Task,
+        worker: str,
+        status: TaskStatus,
+        progressed: bool,
+        w: _Worker | None,
+    ) -> None:
+        """Stop the group; restart it or fail the job (see the module docstring)."""
+        if t.state is not _T.OUT:
+            return  # already stopped with its group
+        if w is not None and w.out.get((job.job_id, t.index)) is t:
+            self._release(job, t, w)
+        for x in job.tasks:  # no survivor is left waiting in a collective
+            if x is not t and x.state is _T.OUT:
+                self._out.append(CancelAttempt(x.worker, job.job_id, x.index, x.attempt))
+                self._release(job, x)
+        code_error = status in _NEVER_RETRIED or (
+            status == TaskStatus.ERROR and not progressed and not job.retry_errors
+        )
+        if code_error or job.restart_count >= job.restarts:
+            job.failed += 1
+            self._final(job, t, status, t.attempt, worker)
+            for x in job.tasks:
+                if x.state is not _T.FINAL:
+                    self._final(job, x, TaskStatus.CANCELLED, x.attempt, x.worker)
+            return
+        job.restart_count += 1
+        self._out.append(GangRestarted(job.job_id, job.restart_count, t.index, status))
+        for x in job.tasks:
+            if x.state is not _T.FINAL:
+                x.state, x.worker, x.started_at = _T.QUEUED, "", None
+        job.waiting_said = False
+        if job.job_id not in self._gangs:
+            self._gangs.appendleft(job.job_id)
+
+    def _place_gangs(self) -> None:
+        for job_id in list(self._gangs):
+            job = self.jobs.get(job_id)
+            if job is None or job.state.finished:
+                self._gangs.remove(job_id)
+                continue
+            live = [x for x in job.tasks if x.state is not _T.FINAL]
+            world = len(live)
+            if job.restart_count and self._gang_capacity(job) < world:
+                # the pool lost what it had: restart on fewer ranks, down to min_tasks
+                world = max(job.min_tasks, self._gang_capacity(job))
+            if world < job.min_tasks or world == 0:
+                continue
+            placement = gang.plan(world, job.resources, self.workers.values())
+            if not placement:
+                if not job.waiting_said:
+                    job.waiting_said = True
+                    free = sum(gang.free_capacity(w, job.resources) for w in self.workers.values())
+                    self._out.append(GangWaiting(job_id, world, free))
+                continue
+            for x in live[world:]:  # the world shrank: these ranks are not needed
+                self._final(job, x, TaskStatus.CANCELLED, x.attempt, x.worker)
+            ranks = []
+            it = iter(live[:world])
+            for w, n in placement:
+                for _ in range(n):
+                    x = next(it)
+                    x.attempt += 1
+                    x.state, x.worker, x.started_at = _T.OUT, w.name, None
+                    self._take(w, job, x)
+                    ranks.append((w.name, x.index, x.attempt))
+            job.world = world
+            self._gangs.remove(job_id)
+            self._out.append(AssignGang(job_id, world, job.restart_count, tuple(ranks)))
 
     def _requeue(self, job: _Job, t: _Task) -> None:
         t.state, t.worker, t.started_at = _T.QUEUED, "", None
@@ -320,6 +464,8 @@ class Scheduler:
 
     def _final(self, job: _Job, t: _Task, status: TaskStatus, attempt: int, worker: str) -> None:
         t.state = _T.FINAL
+        if status == TaskStatus.OK:
+            job.done += 1
         self._out.append(TaskSettled(job.job_id, t.index, status, attempt, worker, t.attempt))
         job.unsettled -= 1
         if job.unsettled == 0:
@@ -353,6 +499,8 @@ class Scheduler:
     # -- placement ------------------------------------------------------------------------
 
     def _fill(self) -> None:
+        if self._gangs and self.workers:
+            self._place_gangs()  # first: a gang needs many slots free at once
         if not self._active or not self.workers:
             return
         # Free slots first across all workers, then prefetch: spreads work before queueing it.
@@ -365,7 +513,7 @@ class Scheduler:
         extra = 0
         if allow_prefetch:  # the next job in turn says how deep the prefetch may go
             head = self.jobs.get(self._active[0]) if self._active else None
-            extra = max(self.prefetch, self._prefetch_for(head) if head else 0)
+            extra = max(self.policy.prefetch, self._prefetch_for(head) if head else 0)
         room = w.slots + extra - w.used_slots
         if room < 1:
             return False  # full: no need to look at any job (keeps a burst of jobs O(n))
@@ -402,27 +550,27 @@ class Scheduler:
 
     def _prefetch_for(self, job: _Job) -> int:
         """How many slots' worth of ``job``'s tasks a worker may hold beyond its slots."""
-        if job.resources.gpus or not self.prefetch:
+        if job.resources.gpus or not self.policy.prefetch:
             return 0
         if job.duration_n:
             mean = job.duration_sum_s / job.duration_n
         else:
             family_mean = self._family_mean.get(job.family) if job.family else None
             if family_mean is None:
-                return self.prefetch  # unknown durations: the small default
+                return self.policy.prefetch  # unknown durations: the small default
             mean = family_mean
-        if mean >= self.prefetch_max_task_s:
+        if mean >= self.policy.prefetch_max_task_s:
             return 0
-        deep = int(self.prefetch_window_s / max(mean, 1e-6))
-        return max(self.prefetch, min(self.prefetch_max, deep))
+        deep = int(self.policy.prefetch_window_s / max(mean, 1e-6))
+        return max(self.policy.prefetch, min(self.policy.prefetch_max, deep))
 
     def _kept_off(self, w: _Worker, job: _Job) -> bool:
-        if job.bad_workers.get(w.name, 0) < BAD_WORKER_FAILURES:
+        if job.bad_workers.get(w.name, 0) < self.policy.bad_worker_failures:
             return False
         return any(
             x is not w
             and x.can_ever_run(job.resources)
-            and job.bad_workers.get(x.name, 0) < BAD_WORKER_FAILURES
+            and job.bad_workers.get(x.name, 0) < self.policy.bad_worker_failures
             for x in self.workers.values()
         )
 
@@ -448,7 +596,7 @@ class Scheduler:
                 continue
             if best is None or rank < best[0]:
                 best = (rank, pos)
-            if rank == 0 or pos >= LOCALITY_SCAN:
+            if rank == 0 or pos >= self.policy.locality_scan:
                 break
         if best is None:
             return None

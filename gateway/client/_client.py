@@ -4,7 +4,9 @@ CLI. Lives on one asyncio loop (the sync facade's IO thread).
 It submits jobs (many per message when they come in bursts), follows their events, and survives
 a gateway restart: it notices the new ``gateway_id`` in the heartbeat answer, re-sends submits
 that were never acknowledged, and re-attaches every unfinished job, whose replay fills in what
-it missed. Each job's events go to the ``JobState.listener`` the caller set.
+it missed. Jobs are the caller's records (``JobRecord``: the sync facade's ``Job``, the one
+record of a job on the client side); this client keeps them by id and hands each its events
+on this loop.
 """
 
 from __future__ import annotations
@@ -13,33 +15,40 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
-from gateway._drain import Drain, send_frames
-from gateway._errors import JobNotFound, NoGateway, PilotError, PilotTimeout, VersionMismatch
-from gateway._messages import (
+from gateway.protocol import (
     AttachJob,
+    Blob,
     BlobReply,
     CancelJob,
     ClientHello,
+    Codec,
+    ConnectionInfo,
+    Drain,
+    ErrorCode,
     ErrorReply,
     GetBlob,
     Goodbye,
     Heartbeat,
+    InputReply,
+    InterruptTask,
     JobSpec,
     JobsQuery,
     JobsReply,
     JobUpdate,
     LogsQuery,
     LogsReply,
+    NoGateway,
     Outputs,
     Payload,
+    PilotError,
+    PilotTimeout,
     PutBlob,
     Refused,
+    RunCell,
     Status,
     StatusQuery,
     StatusReply,
@@ -47,31 +56,29 @@ from gateway._messages import (
     Submitted,
     TaskDone,
     TaskEvents,
-    TaskInput,
+    Timeouts,
+    VersionMismatch,
     Welcome,
+    error_for,
+    send_frames,
 )
-from gateway._settings import ConnectionInfo, Timeouts
-from gateway._wire import Codec
 
-__all__ = ["AsyncClient", "JobState"]
+__all__ = ["AsyncClient", "JobRecord"]
 
 log = logging.getLogger("pilot.client")
 
 
-@dataclass(slots=True, eq=False)
-class JobState:
-    """What the client knows of one job. Mutated on the client's loop only."""
+class JobRecord(Protocol):
+    """What this client needs of a job record (``gateway.client.Job`` is one): its id, its
+    spec once known, its state and finished tasks (which ``on_event`` maintains: it is given
+    every ``TaskDone`` once, ``Output``s, and ``JobUpdate``s), all touched on this loop only."""
 
-    job_id: str
-    spec: JobSpec | None = None
-    state: Status = Status.QUEUED
-    error: str = ""
-    done: dict[int, TaskDone] = field(default_factory=dict)
-    listener: Callable[[Any], None] | None = None  # gets TaskDone, Output and JobUpdate
+    id: str
+    spec: JobSpec | None
+    state: Status
+    tasks: dict[int, TaskDone]
 
-    @property
-    def finished(self) -> bool:
-        return self.state.finished
+    def on_event(self, ev: Any) -> None: ...
 
 
 class AsyncClient:
@@ -92,12 +99,13 @@ class AsyncClient:
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[Any] | None = None
         self._drain: Drain | None = None
-        self.jobs: dict[str, JobState] = {}
+        self.jobs: dict[str, JobRecord] = {}
         self._unacked: dict[str, tuple[JobSpec, tuple[Payload, ...]]] = {}
-        self._fn_sent: dict[str, Payload] = {}
+        self._functions: dict[str, Payload] = {}  # digest -> payload, for unacked jobs
+        self._blobs_sent: set[str] = set()  # function digests this gateway has from us
         self._outbox: list[tuple[JobSpec, tuple[Payload, ...]]] = []
         self._requests: dict[str, asyncio.Future[Any]] = {}
-        self._attaching: dict[str, asyncio.Future[JobState]] = {}
+        self._attaching: dict[str, asyncio.Future[JobRecord]] = {}
         self._attach_requests: dict[str, str] = {}  # AttachJob msg_id -> job id
         self.gateway_id = ""
         self._welcome = asyncio.Event()
@@ -164,49 +172,39 @@ class AsyncClient:
             self._drain.kick()
         return self._codec.last_msg_id
 
-    def submit_nowait(self, spec: JobSpec, args: tuple[Payload, ...]) -> JobState:
-        """Queue a job; it leaves with the other jobs queued in this loop turn."""
-        job = self.jobs[spec.job_id] = JobState(spec.job_id, spec)
+    def submit_nowait(
+        self, job: JobRecord, spec: JobSpec, args: tuple[Payload, ...], fn: Payload | None
+    ) -> None:
+        """Queue a job (``fn`` is the payload of ``spec.fn_digest``, None for a job without a
+        function); it leaves with the other jobs queued in this loop turn."""
+        self.jobs[spec.job_id] = job
+        if fn is not None:
+            self._functions[spec.fn_digest] = fn
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outbox.append((spec, args))
-        return job
 
     def _flush(self) -> None:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
         fresh = not any(spec.job_id in self._unacked for spec, _ in batch)  # none re-sent
-        specs = []
+        blobs: dict[str, Blob] = {}
         for spec, args in batch:
             self._unacked[spec.job_id] = (spec, args)
-            specs.append(self._with_fn(spec))
-        self._send(Submit(tuple(specs), tuple(args for _, args in batch), fresh))
+            digest = spec.fn_digest
+            if digest and digest not in self._blobs_sent and digest not in blobs:
+                blobs[digest] = Blob(digest, self._functions[digest])
+        self._blobs_sent.update(blobs)
+        specs = tuple(spec for spec, _ in batch)
+        tasks = tuple(args for _, args in batch)
+        self._send(Submit(specs, tasks, fresh, tuple(blobs.values())))
 
-    def _with_fn(self, spec: JobSpec) -> JobSpec:
-        """Carry the function only the first time the gateway sees its key."""
-        if spec.fn is None:
-            return spec
-        if spec.fn_key in self._fn_sent:
-            return JobSpec(
-                spec.job_id,
-                spec.name,
-                spec.fn_key,
-                None,
-                spec.n_tasks,
-                spec.resources,
-                spec.timeout_s,
-                spec.retries,
-                spec.meta,
-            )
-        self._fn_sent[spec.fn_key] = spec.fn
-        return spec
-
-    def send_input(self, job_id: str, index: int, kind: str, data: Any = None) -> None:
-        """Something for a running task (a remote session's cell, an input() reply, an
-        interrupt); fire and forget."""
+    def send(self, msg: RunCell | InputReply | InterruptTask) -> None:
+        """A message for a running task (a remote session's cell, an ``input()`` reply, an
+        interrupt), relayed by the gateway to its worker; fire and forget."""
         self._flush()
-        self._send(TaskInput(job_id, index, kind, data))
+        self._send(msg)
 
     async def cancel(self, job_id: str) -> None:
         self._flush()
@@ -251,12 +249,11 @@ class AsyncClient:
         reply: LogsReply = await self._request(LogsQuery(job_id, index))
         return reply
 
-    async def attach(self, job_id: str, listener: Callable[[Any], None] | None = None) -> JobState:
+    async def attach(self, job: JobRecord) -> JobRecord:
         """Follow a job submitted elsewhere; its finished tasks and kept outputs are replayed
-        to ``listener``. Raises ``JobNotFound``."""
-        job = self.jobs.get(job_id)
-        if job is None:
-            job = self.jobs[job_id] = JobState(job_id, listener=listener)
+        to ``job.on_event``. Raises ``JobNotFound``."""
+        job_id = job.id
+        self.jobs.setdefault(job_id, job)
         fut = self._attaching[job_id] = asyncio.get_running_loop().create_future()
         self._attach_requests[self._send(AttachJob(job_id))] = job_id
         try:
@@ -303,73 +300,74 @@ class AsyncClient:
             case TaskEvents(done=done, ended=ended):
                 for d in done:
                     job = self.jobs.get(d.job_id)
-                    if job is not None and d.index not in job.done:
-                        job.done[d.index] = d
-                        if job.listener:
-                            job.listener(d)
+                    if job is not None and d.index not in job.tasks:
+                        job.on_event(d)
                 for update in ended:
                     self._job_update(update)
             case Outputs(outputs=outputs):
                 for out in outputs:
                     job = self.jobs.get(out.job_id)
-                    if job is not None and job.listener:
-                        job.listener(out)
+                    if job is not None:
+                        job.on_event(out)
             case JobUpdate():
                 self._job_update(msg)
             case StatusReply() | JobsReply() | LogsReply() | BlobReply():
                 fut = self._requests.get(msg.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-            case ErrorReply(request_id=request_id, error=error, kind=kind):
-                self._error(request_id, error, kind)
+            case ErrorReply(request_id=request_id, error=error, code=code):
+                self._error(request_id, error, code)
 
     def _job_update(self, msg: JobUpdate) -> None:
         job = self.jobs.get(msg.job_id)
         if job is None:
             return
-        if msg.spec is not None:
-            job.spec = msg.spec
-        job.state, job.error = Status(msg.state), msg.error
-        if job.state.finished:
+        job.on_event(msg)  # the record takes the spec and the state
+        if msg.state.finished:
             self._unacked.pop(msg.job_id, None)  # its end acknowledges its submit
+            if msg.spec is None:
+                self._forget(msg.job_id)
         fut = self._attaching.get(msg.job_id)
         if fut is not None and not fut.done():
             fut.set_result(job)
-        if job.listener:
-            job.listener(msg)
 
-    def _error(self, request_id: str, error: str, kind: str) -> None:
-        if kind == "UnknownFunction":  # the gateway lost a function: send it again
-            self._fn_sent.clear()
-            job_id = request_id
-            if job_id in self._unacked:
-                self._outbox.append(self._unacked.pop(job_id))
+    def _forget(self, job_id: str) -> None:
+        """A finished job needs nothing more from this client (its record lives on with the
+        user): drop it, and its function unless an unacked job still needs it."""
+        self.jobs.pop(job_id, None)
+        needed = {spec.fn_digest for spec, _ in self._unacked.values()}
+        for digest in [d for d in self._functions if d not in needed]:
+            del self._functions[digest]
+
+    def _error(self, request_id: str, error: str, code: ErrorCode) -> None:
+        if request_id in self._unacked:  # a refused submit (its request id is the job id)
+            del self._unacked[request_id]
+            job = self.jobs.get(request_id)
+            if job is not None:
+                job.on_event(JobUpdate(request_id, Status.FAILED, error))
+            self._forget(request_id)
             return
-        if kind == "JobNotFound" and request_id in self._attach_requests:
+        exc = error_for(code, error)
+        if request_id in self._attach_requests:
             job_id = self._attach_requests.pop(request_id)
             fut = self._attaching.get(job_id)
             if fut is not None and not fut.done():
                 self.jobs.pop(job_id, None)
-                fut.set_exception(JobNotFound(error))
-            return
-        if kind == "JobNotFound":
-            fut = self._requests.get(request_id)
-            if fut is not None and not fut.done():
-                fut.set_exception(JobNotFound(error))
+                fut.set_exception(exc)
             return
         fut = self._requests.get(request_id)
         if fut is not None and not fut.done():
-            fut.set_exception(PilotError(error))
+            fut.set_exception(exc)
         else:
             log.error("gateway error: %s", error)
 
     def _gateway_restarted(self) -> None:
         log.warning("the gateway restarted: re-sending and re-attaching unfinished jobs")
-        self._fn_sent.clear()
+        self._blobs_sent.clear()  # its blob store may be another one: send functions again
         self._outbox[:0] = list(self._unacked.values())
         for job in self.jobs.values():
-            if not job.finished and job.job_id not in self._unacked:
-                self._send(AttachJob(job.job_id, replay_outputs=False))
+            if not job.state.finished and job.id not in self._unacked:
+                self._send(AttachJob(job.id, replay_outputs=False))
 
     async def _heartbeat(self) -> None:
         interval = self.timeouts.heartbeat_interval_s

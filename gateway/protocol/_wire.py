@@ -20,11 +20,13 @@ channel to its own task processes.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import itertools
 import os
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import fields
 from operator import attrgetter
@@ -32,15 +34,16 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from gateway._errors import (
+from gateway.protocol import _messages
+from gateway.protocol._errors import (
     AuthenticationError,
     MessageTooLarge,
     ProtocolError,
     VersionMismatch,
 )
-from gateway._messages import MESSAGE_TYPES, RECORD_TYPES, Payload
+from gateway.protocol._messages import MESSAGE_TYPES, RECORD_TYPES, Payload
 
-__all__ = ["PROTOCOL_FRAME", "VERSION", "Codec", "Envelope"]
+__all__ = ["PROTOCOL_FRAME", "VERSION", "Codec", "Envelope", "pack_record", "unpack_record"]
 
 PROTOCOL_MAJOR = 1
 VERSION = "1.0"
@@ -59,6 +62,31 @@ _GETTERS = {
     cls: attrgetter(*(f.name for f in fields(cls))) if len(fields(cls)) > 1 else None
     for cls in (*MESSAGE_TYPES, *RECORD_TYPES)
 }
+
+
+def _enum_fields(cls: type) -> tuple[tuple[str, type[enum.IntEnum]], ...]:
+    """(name, enum class) of each field typed with an ``IntEnum`` (alone or ``| None``)."""
+    hints = typing.get_type_hints(cls, vars(_messages))
+    out = []
+    for f in fields(cls):
+        hint = hints[f.name]
+        if isinstance(hint, type) and issubclass(hint, enum.IntEnum):
+            out.append((f.name, hint))
+    return tuple(out)
+
+
+# Fields that travel as ints and are decoded back into their enum (an unknown value is a
+# malformed message).
+_ENUMS = {cls: e for cls in (*MESSAGE_TYPES, *RECORD_TYPES) if (e := _enum_fields(cls))}
+
+
+def _construct(cls: type, values: tuple[Any, ...]) -> Any:
+    obj = cls(*values[: _NFIELDS[cls]])
+    conv = _ENUMS.get(cls)
+    if conv is not None:  # after construction: frozen, so through object.__setattr__
+        for name, enum_cls in conv:
+            object.__setattr__(obj, name, enum_cls(getattr(obj, name)))
+    return obj
 
 
 def _field_values(obj: Any) -> Any:
@@ -287,13 +315,12 @@ class Codec:
             self._buffers, self._known = [], ()
         if not isinstance(values, tuple):
             raise ProtocolError("Body is not an array.")
-        return cls(*values[: _NFIELDS[cls]])
+        return _construct(cls, values)
 
     def _ext_hook(self, code: int, data: bytes) -> Any:
         if code == _EXT_RECORD:
             values = msgpack.unpackb(data, ext_hook=self._ext, use_list=False, raw=False)
-            rec = RECORD_TYPES[values[0]]
-            return rec(*values[1 : 1 + _NFIELDS[rec]])
+            return _construct(RECORD_TYPES[values[0]], values[1:])
         if code == _EXT_PAYLOAD:
             inline, start, count = msgpack.unpackb(data, use_list=False, raw=False)
             buffers = self._buffers
@@ -307,3 +334,34 @@ class Codec:
                 return Payload(parts[0], tuple(parts[1:]), known)
             return Payload(inline, tuple(parts), known)
         raise ProtocolError(f"Unknown extension type {code}.")
+
+
+_RECORDS = None  # the unsigned codec that packs records for storage, made on first use
+
+
+def pack_record(record: Any) -> bytes:
+    """``record`` (a message or record type, no payloads inside) as bytes, the way the wire
+    carries it: every field, nested records typed. For storage (the gateway keeps job specs and
+    outputs this way, so a field added to the protocol is stored too)."""
+    global _RECORDS
+    codec = _RECORDS = _RECORDS or Codec(None)
+    codec._frames, codec._digests = [], []
+    try:
+        data = codec._pack(record)
+        if codec._frames:
+            raise ProtocolError(f"{type(record).__name__} holds a payload: it cannot be stored")
+        return data
+    finally:
+        codec._frames, codec._digests = [], []
+
+
+def unpack_record(data: bytes) -> Any:
+    """The record ``pack_record`` made. Raises ``ProtocolError`` for bytes it did not make."""
+    global _RECORDS
+    codec = _RECORDS = _RECORDS or Codec(None)
+    try:
+        return msgpack.unpackb(data, ext_hook=codec._ext, use_list=False, raw=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"Not a stored record: {exc}") from exc

@@ -14,12 +14,27 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway._errors import JobCancelled, JobError, PilotTimeout, TaskError
-from gateway._messages import JobSpec, JobUpdate, Output, Status, TaskDone, TaskStatus
-from gateway._serialize import loads
+from gateway.client._render import RenderOutput, submit_render
+from gateway.protocol import (
+    JobCancelled,
+    JobError,
+    JobKind,
+    JobSpec,
+    JobUpdate,
+    Output,
+    OutputKind,
+    PilotTimeout,
+    Status,
+    TaskDone,
+    TaskError,
+    TaskStatus,
+    default_home,
+    find_connection,
+    loads,
+)
 
 if TYPE_CHECKING:
-    from gateway._sync import Client
+    from gateway.client._sync import Client
 
 __all__ = ["Job"]
 
@@ -34,20 +49,20 @@ class Job:
     def __init__(
         self,
         client: Client,
-        job_id: str,
+        spec: JobSpec | None,
         *,
         items: Sequence[Any] | None = None,
-        chunk: int = 1,
-        n_tasks: int = 1,
-        kind: str = "call",
+        job_id: str = "",
     ) -> None:
+        """A job the ``client`` submitted (``spec``), or one it attaches to (``job_id``; the
+        spec arrives with the attach)."""
         self.client = client
-        self.id = job_id
-        self.kind = kind
+        self.spec = spec
+        self.id = spec.job_id if spec is not None else job_id
         self.items = items
-        self.chunk = chunk
-        self.n_tasks = n_tasks
-        self._done: dict[int, TaskDone] = {}
+        #: Finished tasks by index (the one client-side record of them); filled on the
+        #: client's IO thread, read on the user's.
+        self.tasks: dict[int, TaskDone] = {}
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._finished = threading.Event()
         self.state = Status.QUEUED
@@ -55,20 +70,43 @@ class Job:
         self._values: dict[int, Any] = {}
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
+        #: A training job's reported metrics (``pilot.train.report``), in arrival order.
+        self.metrics: list[dict[str, Any]] = []
+        #: A render job's frames as they arrive (set by ``Client.render``, or on attach).
+        self.render: RenderOutput | None = None
 
     def __repr__(self) -> str:
         done, total = self.progress
         return f"<Job {self.id} {self.state.name.lower()} {done}/{total}>"
 
-    # called on the IO thread
-    def _on_event(self, ev: Any) -> None:
+    @property
+    def kind(self) -> JobKind:
+        return self.spec.kind if self.spec is not None else JobKind.CALL
+
+    @property
+    def chunk(self) -> int:
+        return self.spec.chunk if self.spec is not None else 1
+
+    @property
+    def n_tasks(self) -> int:
+        return self.spec.n_tasks if self.spec is not None else 0
+
+    def on_event(self, ev: Any) -> None:
+        """Called by the client on its IO thread: a finished task, an output, or a state."""
         if isinstance(ev, TaskDone):
-            self._done[ev.index] = ev
+            self.tasks[ev.index] = ev
+        elif isinstance(ev, Output):
+            if ev.kind == OutputKind.METRICS:
+                self.metrics.append(dict(ev.data))
+            elif ev.kind == OutputKind.FRAME:
+                if self.render is None:  # attached: the frames asked are not known here
+                    self.render = RenderOutput(())
+                self.render.done[ev.item] = ev.data
         elif isinstance(ev, JobUpdate):
             if ev.spec is not None:  # the head of an attach replay; its end follows
-                self._adopt_spec(ev.spec)
+                self.spec, self.state, self.error = ev.spec, ev.state, ev.error
                 return
-            self.state, self.error = Status(ev.state), ev.error
+            self.state, self.error = ev.state, ev.error
             if self.state.finished:
                 self.finished_at = time.monotonic()
                 self._events.put(ev)
@@ -76,17 +114,12 @@ class Job:
                 return
         self._events.put(ev)
 
-    def _adopt_spec(self, spec: JobSpec) -> None:
-        self.n_tasks = spec.n_tasks
-        self.kind = spec.meta.get("mode", "call")
-        self.chunk = spec.meta.get("chunk", 1)
-
     # -- the user's side ------------------------------------------------------------------
 
     @property
     def progress(self) -> tuple[int, int]:
         """(tasks finished, tasks) — finished includes failed ones."""
-        return len(self._done), self.n_tasks
+        return len(self.tasks), self.n_tasks
 
     def done(self) -> bool:
         return self._finished.is_set()
@@ -113,8 +146,8 @@ class Job:
     def failures(self) -> list[TaskError]:
         """A ``TaskError`` per failed task, in item order."""
         errors = []
-        for index in sorted(self._done):
-            d = self._done[index]
+        for index in sorted(self.tasks):
+            d = self.tasks[index]
             if d.status not in (TaskStatus.OK, TaskStatus.CANCELLED):
                 errors.append(self._task_error(d))
         return errors
@@ -133,7 +166,7 @@ class Job:
         )
 
     def _item_of(self, d: TaskDone) -> tuple[Any, str]:
-        if self.kind == "map" and self.items is not None:
+        if self.kind == JobKind.MAP and self.items is not None:
             if 0 <= d.item < len(self.items):
                 return self.items[d.item], f"for item {self.items[d.item]!r}"
             chunk = self.items[d.index * self.chunk : (d.index + 1) * self.chunk]
@@ -143,7 +176,7 @@ class Job:
     def value(self, index: int) -> Any:
         """The unpickled value of task ``index`` (cached)."""
         if index not in self._values:
-            d = self._done[index]
+            d = self.tasks[index]
             if d.status != TaskStatus.OK:
                 raise self._task_error(d)
             self._values[index] = loads(d.value) if d.value is not None else None
@@ -151,9 +184,50 @@ class Job:
 
     @property
     def results(self) -> list[Any]:
-        """Every item's result in item order (waits for the job)."""
+        """Every item's result in item order (waits for the job). A training job: each rank's
+        value in rank order (the ranks of the last group, which a restart may have shrunk). A
+        render job: ``frames``."""
         self.wait()
+        if self.kind == JobKind.RENDER:
+            return self.frames
+        if self.kind == JobKind.DDP:
+            return [self.value(i) for i in sorted(self.tasks) if self._ok(i)]
         return self._flat(range(self.n_tasks))
+
+    def _ok(self, index: int) -> bool:
+        return self.tasks[index].status == TaskStatus.OK
+
+    # -- render jobs ----------------------------------------------------------------------
+
+    @property
+    def frames(self) -> list[str]:
+        """A render job's frames as local files, in frame order (fetched once)."""
+        return self._render().frames(self)
+
+    @property
+    def video(self) -> Path:
+        """A render job's frames as an MP4 (made once the job is done; see ``Client.render``)."""
+        self.wait()
+        return self._render().video(self)
+
+    def missing_frames(self) -> list[int]:
+        """Frames of a render job that are not stored, or whose file is gone."""
+        return self._render().missing(self)
+
+    def rerun(self, *, missing: bool = True) -> Job:
+        """Render again: only the missing or failed frames (``missing=True``), or all."""
+        r = self._render()
+        if not r.again:
+            raise JobError(f"Job {self.id} was not submitted here: rerun it from its client.")
+        frames = self.missing_frames() if missing else list(r.frames_asked)
+        if not frames:
+            raise JobError(f"Job {self.id} has no missing frames: nothing to render again.")
+        return submit_render(self.client, frames=frames, **r.again)
+
+    def _render(self) -> RenderOutput:
+        if self.render is None:
+            raise JobError(f"Job {self.id} is not a render job.")
+        return self.render
 
     def result(self, timeout: float | None = None) -> Any:
         """The single result of a ``submit`` job (waits)."""
@@ -161,7 +235,7 @@ class Job:
         return self.value(0)
 
     def _flat(self, indices: Iterable[int]) -> list[Any]:
-        if self.kind != "map":
+        if self.kind != JobKind.MAP:
             return [self.value(i) for i in indices]
         out: list[Any] = []
         for i in indices:
@@ -172,12 +246,10 @@ class Job:
         """The result files of the tasks that succeeded, by item index: local paths (fetched
         from the gateway into ``dest_dir``, by default ``$PILOT_HOME/results/JOB``) or the
         URLs they were written to with ``results=URL``."""
-        from gateway._settings import default_home
-
         dest = Path(dest_dir) if dest_dir is not None else default_home() / "results" / self.id
         out: dict[int, list[str]] = {}
-        for i in sorted(self._done):
-            for ref in self._done[i].files:
+        for i in sorted(self.tasks):
+            for ref in self.tasks[i].files:
                 where = ref.url or str(self.client.fetch_file(ref, dest))
                 item = ref.item if ref.item >= 0 else i
                 out.setdefault(item, []).append(where)
@@ -186,9 +258,9 @@ class Job:
     def outcomes(self) -> dict[int, Any]:
         """Task index -> value for the tasks that succeeded so far (map: item index)."""
         out = {}
-        for i in sorted(self._done):
-            if self._done[i].status == TaskStatus.OK:
-                if self.kind == "map":
+        for i in sorted(self.tasks):
+            if self.tasks[i].status == TaskStatus.OK:
+                if self.kind == JobKind.MAP:
                     for k, v in enumerate(self.value(i)):
                         out[i * self.chunk + k] = v
                 else:
@@ -196,8 +268,8 @@ class Job:
         return out
 
     def cancel(self) -> None:
-        """Drop queued tasks, interrupt running ones. Returns at once."""
-        self.client._io.run(self.client._async.cancel(self.id), self.client.timeouts.request_s)
+        """Drop queued tasks, interrupt running ones. Returns once the gateway has it."""
+        self.client.cancel(self.id)
 
     def events(self, timeout: float | None = None) -> Iterator[Any]:
         """Yield ``Output``, ``TaskDone`` and finally the ``JobUpdate`` that ends the job.
@@ -228,7 +300,7 @@ class Job:
     def attach(cls, job_id: str, client: Client | None = None) -> Job:
         """Follow a job submitted elsewhere (another process, before a kernel restart)."""
         if client is None:
-            from gateway._settings import find_connection
+            from gateway.client._sync import Client
 
             client = Client(find_connection())
         return client.attach(job_id)

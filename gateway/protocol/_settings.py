@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gateway._errors import ConfigError, NoGateway
+from gateway.protocol._errors import ConfigError, NoGateway
+from gateway.protocol._policy import SchedulingPolicy
 
 __all__ = [
     "ConnectionInfo",
@@ -147,9 +148,7 @@ class GatewaySettings:
     key: str = field(default_factory=new_key)
     connection_file: Path | None = None
     max_message_bytes: int = 1 << 30
-    default_retries: int = 2
-    prefetch: int = 4  # tasks assigned to a worker beyond its free slots, for short tasks
-    prefetch_max_task_s: float = 0.5  # no prefetch for jobs whose tasks run longer than this
+    policy: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     outputs_kept_bytes: int = 1 << 20  # per task, for `pilot logs` and re-attach
     inline_result_bytes: int = 1 << 20  # larger results go to the blob store
     timeouts: Timeouts = field(default_factory=Timeouts)

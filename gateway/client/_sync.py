@@ -10,60 +10,50 @@ queued for the user's thread, which is where display happens in a notebook.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway._client import AsyncClient, JobState
-from gateway._errors import PilotTimeout, SerializationError
-from gateway._job import Job
-from gateway._jobdata import JobData, ShippedFile, files_to_ship
-from gateway._messages import (
+from gateway.client._client import AsyncClient
+from gateway.client._iothread import IOThread
+from gateway.client._job import Job
+from gateway.client._render import submit_render
+from gateway.protocol import (
+    DEFAULT_POLICY,
+    ConnectionInfo,
     FileRef,
+    InputReply,
+    InterruptTask,
+    JobData,
     JobInfo,
+    JobKind,
     JobSpec,
     Output,
     Payload,
+    PilotTimeout,
+    RenderSpec,
     Resources,
+    RunCell,
+    SchedulingPolicy,
+    SerializationError,
+    ShippedFile,
     StatusReply,
+    Timeouts,
+    TrainSpec,
+    build_job_data,
+    digest_of,
+    dumps,
+    dumps_function,
+    files_to_ship,
+    task_keys,
 )
-from gateway._serialize import digest_of, dumps, dumps_function
-from gateway._settings import ConnectionInfo, Timeouts
 
 __all__ = ["Client", "Job"]
 
-AUTO_CHUNK_TASKS = 512  # map(chunk=None) splits items into about this many tasks
-_FN_CACHE = 256
-
-
-class _IOThread:
-    """A daemon thread running one event loop; owned by a ``Client``."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            if fut.done():
-                raise  # the coroutine's own PilotTimeout, with its own message
-            fut.cancel()
-            raise PilotTimeout("The operation did not finish in time.") from None
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self.loop.close()
+_FN_CACHE = 256  # functions whose pickles this client keeps, by identity
 
 
 class Client:
@@ -75,10 +65,12 @@ class Client:
         *,
         name: str = "",
         timeouts: Timeouts | None = None,
+        policy: SchedulingPolicy = DEFAULT_POLICY,
     ) -> None:
         self.connection = connection
         self.timeouts = timeouts or Timeouts()
-        self._io = _IOThread("pilot-client-io")
+        self.policy = policy
+        self._io = IOThread("pilot-client-io")
         self._async = AsyncClient(
             connection, name=name or f"client-{os.getpid()}", timeouts=self.timeouts
         )
@@ -90,7 +82,7 @@ class Client:
         self._prefix = f"{os.urandom(4).hex()}-"
         self._counter = itertools.count(1)
         self._fns: dict[int, tuple[Callable[..., Any], str, Payload]] = {}
-        self._pending: list[tuple[JobSpec, tuple[Payload, ...], Job]] = []
+        self._pending: list[tuple[JobSpec, tuple[Payload, ...], Payload | None, Job]] = []
         self._pending_lock = threading.Lock()
         self._shipped: set[str] = set()  # blob digests already uploaded through this client
         self._closed = False
@@ -126,36 +118,52 @@ class Client:
 
     def submit_job(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | None,
         args: Sequence[Payload],
         *,
-        mode: str = "call",
+        kind: JobKind = JobKind.CALL,
         name: str = "",
         resources: Resources | None = None,
         timeout: float | None = None,
         retries: int | None = None,
-        meta: dict[str, Any] | None = None,
+        retry_errors: bool = False,
         items: Sequence[Any] | None = None,
         chunk: int = 1,
+        data: JobData | None = None,
+        data_keys: Sequence[str] = (),
+        lease: bool = False,
+        meta: dict[str, Any] | None = None,
+        train: TrainSpec | None = None,
+        render: RenderSpec | None = None,
     ) -> Job:
-        """The one way jobs are submitted (``map``, ``submit`` and the magic use it)."""
-        key, payload = self._function(fn)
+        """The one way jobs are submitted (``map``, ``submit``, ``train``, ``render``, the
+        magic and the kernel use it). Returns at once; the job leaves with the others
+        submitted in this IO turn. ``fn`` is None for a job that runs no function of the
+        user's (a render)."""
+        digest, payload = self._function(fn) if fn is not None else ("", None)
         job_id = self.new_job_id()
         spec = JobSpec(
             job_id,
             name or getattr(fn, "__name__", "job"),
-            key,
-            payload,
+            kind,
+            digest,
             len(args),
             resources or Resources(),
             float(timeout or 0.0),
             -1 if retries is None else retries,
-            {**(meta or {}), "mode": mode, "chunk": chunk},
+            retry_errors,
+            chunk,
+            data,
+            tuple(data_keys),
+            lease,
+            dict(meta or {}),
+            train,
+            render,
         )
-        job = Job(self, job_id, items=items, chunk=chunk, n_tasks=len(args), kind=mode)
+        job = Job(self, spec, items=items)
         with self._pending_lock:
             first = not self._pending
-            self._pending.append((spec, tuple(args), job))
+            self._pending.append((spec, tuple(args), payload, job))
         if first:
             self._io.loop.call_soon_threadsafe(self._hand_over)
         return job
@@ -164,9 +172,8 @@ class Client:
         """On the IO thread: everything submitted since the last turn, in one message."""
         with self._pending_lock:
             batch, self._pending = self._pending, []
-        for spec, args, job in batch:
-            state = self._async.submit_nowait(spec, args)
-            state.listener = job._on_event
+        for spec, args, payload, job in batch:
+            self._async.submit_nowait(job, spec, args, payload)
         self._async._flush()  # now, not in the next loop iteration: one wake-up less a submit
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Job:
@@ -174,6 +181,62 @@ class Client:
         Raises ``SerializationError`` naming an argument that cannot be pickled."""
         payload = _dumps_args(args, kwargs)
         return self.submit_job(fn, [payload])
+
+    def train(
+        self,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        ranks: int = 2,
+        cpus: int = 1,
+        gpus: int = 0,
+        tags: Sequence[str] = (),
+        restarts: int = 0,
+        min_ranks: int = 0,
+        checkpoint: str = "",
+        backend: str = "auto",
+        init_timeout: float = 60.0,
+        timeout: float | None = None,
+        name: str = "",
+        **kwargs: Any,
+    ) -> Job:
+        """Data-parallel training: ``fn(*args, **kwargs)`` on ``ranks`` ranks at once, each a
+        fresh process with torchrun's environment and ``torch.distributed`` initialised
+        (gloo on CPU, nccl when every rank has a GPU; ``backend`` overrides). Any rank's
+        failure stops the group, which restarts (up to ``restarts`` times) from the latest
+        ``pilot.train.checkpoint`` (kept at ``checkpoint``, any fsspec URL, or by the gateway),
+        on fewer ranks down to ``min_ranks`` if it must. Returns at once; ``job.results`` holds
+        each rank's value in rank order, ``job.metrics`` what the ranks reported. Raises
+        ``Unschedulable`` (when waited on) if the pool can never hold the ranks."""
+        if ranks < 1:
+            raise ValueError(f"ranks must be at least 1 (got {ranks}).")
+        if not 0 <= min_ranks <= ranks:
+            raise ValueError(f"min_ranks must be between 0 and ranks (got {min_ranks}).")
+        if backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend must be auto, gloo or nccl (got {backend!r}).")
+        payload = _dumps_args(args, kwargs)
+        spec = TrainSpec(restarts, min_ranks, backend, checkpoint, float(init_timeout))
+        return self.submit_job(
+            fn,
+            [payload] * ranks,
+            kind=JobKind.DDP,
+            name=name,
+            resources=Resources(cpus, gpus, tuple(tags)),
+            timeout=timeout,
+            train=spec,
+        )
+
+    def render(self, scene: str | Path, frames: Any, **options: Any) -> Job:
+        """Render ``frames`` (``"1-240"``, ``"1-240x2"``, ``"1,5,10-20"``, a range) of a
+        Blender ``scene`` on the workers that have Blender, one Blender process per chunk of
+        frames. Options: ``chunk``, ``video`` (an MP4 path: ``job.video``), ``fps``,
+        ``engine``, ``samples``, ``resolution`` ((w, h)), ``file_format`` (PNG, JPEG,
+        OPEN_EXR), ``body`` (Python run in Blender first, ``bpy`` and ``scene`` bound),
+        ``ship`` (textures and caches the scene refers to), ``results`` (an fsspec URL for the
+        frames), ``cpus``, ``gpus``, ``tags``, ``timeout``, ``retries``, ``name``. Returns at
+        once; ``job.frames`` are the frames as local files in frame order, live in
+        ``job.render.done``."""
+        return submit_render(self, scene, frames, **options)
 
     def map(
         self,
@@ -186,6 +249,7 @@ class Client:
         tags: Sequence[str] = (),
         timeout: float | None = None,
         retries: int | None = None,
+        retry_errors: bool = False,
         name: str = "",
         meta: dict[str, Any] | None = None,
         data: Mapping[str, str] | None = None,
@@ -206,11 +270,17 @@ class Client:
         """
         items = list(items)
         if chunk is None:
-            chunk = max(1, math.ceil(len(items) / AUTO_CHUNK_TASKS))
+            chunk = self.policy.auto_chunk(len(items))
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1 (got {chunk}).")
-        extra = self._job_data(
-            data, len(items), chunk, shard_data, data_mode, storage_options, ship, results
+        job_data = self.job_data(
+            data,
+            n_items=len(items),
+            shard=shard_data,
+            mode=data_mode,
+            storage_options=storage_options,
+            ship=ship,
+            results=results,
         )
         args = []
         for start in range(0, len(items), chunk):
@@ -219,38 +289,42 @@ class Client:
         return self.submit_job(
             fn,
             args,
-            mode="map",
+            kind=JobKind.MAP,
             name=name,
             resources=Resources(cpus, gpus, tuple(tags)),
             timeout=timeout,
             retries=retries,
-            meta={**(meta or {}), **extra},
+            retry_errors=retry_errors,
             items=items,
             chunk=chunk,
+            data=job_data,
+            data_keys=task_keys(job_data, len(items), chunk),
+            meta=meta,
         )
 
-    def _job_data(
+    def job_data(
         self,
         data: Mapping[str, str] | None,
+        *,
         n_items: int,
-        chunk: int,
-        shard: bool,
-        mode: str,
-        storage_options: Mapping[str, Any] | None,
-        ship: Sequence[str | Path],
-        results: str,
-    ) -> dict[str, Any]:
+        shard: bool = True,
+        mode: str = "local",
+        storage_options: Mapping[str, Any] | None = None,
+        ship: Sequence[str | Path] = (),
+        results: str = "",
+    ) -> JobData | None:
+        """A job's ``JobData``: datasets listed now (``DataError`` if that fails), files
+        shipped now (once per content), where result files go. None when there is nothing."""
         shipped = self.ship(ship) if ship else []
-        job_data = JobData.build(
+        return build_job_data(
             data,
             n_items=n_items,
             shard=shard,
             mode=mode,
             storage_options=storage_options,
             ship=shipped,
-            results=results,
+            results_url=results,
         )
-        return job_data.meta(n_items, chunk)
 
     def ship(self, paths: Sequence[str | Path]) -> list[ShippedFile]:
         """Upload files (or directories) to the gateway's blob store, each once per content;
@@ -280,14 +354,8 @@ class Client:
     # -- the rest ---------------------------------------------------------------------------
 
     def attach(self, job_id: str) -> Job:
-        job = Job(self, job_id)
-
-        async def go() -> JobState:
-            return await self._async.attach(job_id, listener=job._on_event)
-
-        state = self._io.run(go(), self.timeouts.request_s + 5)
-        if state.spec is not None:
-            job._adopt_spec(state.spec)
+        job = Job(self, None, job_id=job_id)
+        self._io.run(self._async.attach(job), self.timeouts.request_s + 5)
         return job
 
     def status(self, wait_workers: int = 0, timeout: float = 0.0) -> StatusReply:
@@ -314,9 +382,10 @@ class Client:
     def cancel(self, job_id: str) -> None:
         self._io.run(self._async.cancel(job_id), self.timeouts.request_s)
 
-    def send_input(self, job_id: str, index: int, kind: str, data: Any = None) -> None:
-        """Send something to a running task; returns at once (see ``AsyncClient``)."""
-        self._io.loop.call_soon_threadsafe(self._async.send_input, job_id, index, kind, data)
+    def send(self, msg: RunCell | InputReply | InterruptTask) -> None:
+        """Send a message to a running task (a remote session's cell, an ``input()`` reply,
+        an interrupt); returns at once."""
+        self._io.loop.call_soon_threadsafe(self._async.send, msg)
 
 
 def _dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload:

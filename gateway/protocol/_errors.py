@@ -15,34 +15,49 @@ more specific one, or logs it with its traceback.
      │    └── MessageTooLarge       over ``max_message_bytes``
      ├── SerializationError     a value that cannot be pickled (names the value)
      ├── DataError              a dataset or shipped file that cannot be read
+     ├── RenderError            Blender cannot be used, or a chunk failed (``kind`` says how)
+     ├── VideoError             ffmpeg could not make or read a video
      ├── JobError               a job that did not produce all of its results
      │    ├── TaskError             a task failed; carries the remote traceback and the item
      │    ├── JobCancelled          the job was cancelled
      │    └── Unschedulable         no connected worker can ever run the job
      ├── JobNotFound            no job with that id in the gateway's state
+     ├── NotRunning             the task asked for is not running
+     ├── StoreUnavailable       the gateway cannot write its state: it takes no new work
      └── PilotTimeout           a wait ran past its deadline (also a TimeoutError)
+
+An ``ErrorReply`` carries an ``ErrorCode``; ``error_for`` turns it into the exception of this
+tree that the ``ERRORS`` table names, so a code and its class are written in one place.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 __all__ = [
+    "ERRORS",
     "AuthenticationError",
     "ConfigError",
     "DataError",
+    "ErrorCode",
     "JobCancelled",
     "JobError",
     "JobNotFound",
     "MessageTooLarge",
     "NoGateway",
+    "NotRunning",
     "PilotError",
     "PilotTimeout",
     "ProtocolError",
+    "RenderError",
     "SerializationError",
+    "StoreUnavailable",
     "TaskError",
     "Unschedulable",
     "VersionMismatch",
+    "VideoError",
+    "error_for",
 ]
 
 
@@ -80,6 +95,19 @@ class SerializationError(PilotError):
 
 class DataError(PilotError):
     """A dataset, shipped file or result file that cannot be listed, read or written."""
+
+
+class RenderError(PilotError):
+    """Blender could not be used or a chunk failed; ``kind`` names the failure (the worker's
+    classification, e.g. ``SCRIPT_ERROR``), the message how to fix it."""
+
+    def __init__(self, kind: Any, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class VideoError(PilotError):
+    """ffmpeg could not make or read a video; the message quotes its stderr."""
 
 
 class JobError(PilotError):
@@ -135,3 +163,42 @@ class JobNotFound(PilotError, KeyError):
 
 class PilotTimeout(PilotError, TimeoutError):
     """A wait ran past its deadline."""
+
+
+class NotRunning(PilotError):
+    """The task a message was meant for is not running (it ended, or never started)."""
+
+
+class StoreUnavailable(PilotError):
+    """The gateway could not write its state (a full disk, say); it takes no new work until it
+    can. Retry later, or free space where the gateway keeps its state."""
+
+
+class ErrorCode(enum.IntEnum):
+    """What an ``ErrorReply`` says went wrong. Travels as an int."""
+
+    INTERNAL = 0
+    JOB_NOT_FOUND = 1
+    NOT_RUNNING = 2
+    STORE_UNAVAILABLE = 3
+    BAD_REQUEST = 4
+
+
+#: The one table from codes to the error tree.
+ERRORS: dict[ErrorCode, type[PilotError]] = {
+    ErrorCode.INTERNAL: PilotError,
+    ErrorCode.JOB_NOT_FOUND: JobNotFound,
+    ErrorCode.NOT_RUNNING: NotRunning,
+    ErrorCode.STORE_UNAVAILABLE: StoreUnavailable,
+    ErrorCode.BAD_REQUEST: ConfigError,
+}
+
+
+def error_for(code: int, message: str) -> PilotError:
+    """The exception an ``ErrorReply`` with ``code`` stands for (``PilotError`` for a code this
+    version does not know)."""
+    try:
+        cls = ERRORS[ErrorCode(code)]
+    except ValueError:
+        cls = PilotError
+    return cls(message)

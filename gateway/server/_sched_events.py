@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway._messages import Resources, Status, TaskAttempt, TaskStatus
+from gateway.protocol import Resources, Status, TaskAttempt, TaskStatus
 
 # -- events -----------------------------------------------------------------------------------
 
@@ -25,6 +25,10 @@ class JobAdded:
     orphans: tuple[TaskAttempt, ...] = ()  # recovery: attempts out on workers at the crash
     orphan_workers: tuple[str, ...] = ()  # recovery: orphans[i] ran on orphan_workers[i]
     family: str = ""  # jobs of one family (the same function) have alike task durations
+    retry_errors: bool = False  # retry attempts whose code raised, too
+    gang: bool = False  # training ranks: all placed at once, restarted together
+    min_tasks: int = 0  # a gang may restart on fewer ranks, down to this many (0: all)
+    restarts: int = 0  # a gang's group restarts
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,7 @@ class TaskFinished:
     status: TaskStatus
     now: float
     duration_s: float = 0.0
+    progressed: bool = False  # the task reported progress (a rank that trained a step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,35 @@ class AssignTask:
     job_id: str
     index: int
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssignGang:
+    """Every rank of a gang at once: ``ranks[r]`` is (worker, task index, attempt) of rank r."""
+
+    job_id: str
+    world: int
+    restart: int  # how many times this group restarted (TORCHELASTIC_RESTART_COUNT)
+    ranks: tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GangWaiting:
+    """A gang that the pool could hold waits for ``need`` free rank slots (``free`` now)."""
+
+    job_id: str
+    need: int
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
+class GangRestarted:
+    """Rank ``rank`` failed (``status``): the group stopped and is queued again."""
+
+    job_id: str
+    restart: int
+    rank: int
+    status: TaskStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,15 +165,30 @@ class WorkerGone:
 
 
 @dataclass(frozen=True, slots=True)
+class JobStarted:
+    """The first attempt of a job started: it is RUNNING (said once)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class JobSettled:
+    """A job ended (DONE, FAILED or CANCELLED) with ``done`` tasks OK and ``failed`` not."""
+
     job_id: str
     state: Status
+    done: int = 0
+    failed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Unschedulable:
+    """No connected worker can ever run this job; with the policy's ``fail_unschedulable`` a
+    ``JobSettled(FAILED)`` follows (the server words the error: it knows what workers have)."""
+
     job_id: str
     resources: Resources
+    ranks: int = 0  # a gang: the ranks it needs at least
 
 
 Event = (
@@ -153,4 +202,15 @@ Event = (
     | TaskFinished
     | Tick
 )
-Instruction = AssignTask | CancelAttempt | TaskSettled | JobSettled | Unschedulable | WorkerGone
+Instruction = (
+    AssignTask
+    | AssignGang
+    | GangWaiting
+    | GangRestarted
+    | CancelAttempt
+    | TaskSettled
+    | JobStarted
+    | JobSettled
+    | Unschedulable
+    | WorkerGone
+)

@@ -1,5 +1,8 @@
 """Every message of the wire protocol, as frozen dataclasses.
 
+(Longer than 400 lines because it is the whole wire vocabulary in one module, STYLE.md habit 4:
+a reader and a codec see every type side by side.)
+
 This module is the whole vocabulary of the system; ``docs/protocol.md`` describes it for
 people. The codec (``gateway._wire``) turns these into frames and back, and nothing
 stringly-typed travels past it: receivers dispatch with ``match`` over these types.
@@ -8,7 +11,9 @@ Records nested in messages (``JobSpec``, ``TaskResult``...) are dataclasses too.
 data travels as ``Payload``: the gateway never unpickles it; it forwards the frames.
 
 Field order is the wire order. A new field may be added at the end with a default (a minor
-version change); anything else is a major version change.
+version change); anything else is a major version change. Fields typed with an ``IntEnum``
+travel as ints and are decoded back into the enum; a message is copied with
+``dataclasses.replace``, never rebuilt by position, so no field is dropped in transit.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from gateway.protocol._dataref import DataRef
+from gateway.protocol._errors import ErrorCode
+from gateway.protocol._policy import SchedulingPolicy
 
 __all__ = [
     "FROM_CLIENT",
@@ -25,17 +34,25 @@ __all__ = [
     "Assign",
     "Assignment",
     "AttachJob",
+    "Blob",
     "BlobReply",
     "CancelJob",
     "CancelTasks",
+    "CellDone",
     "ClientHello",
     "ErrorReply",
     "FileRef",
+    "FrameDone",
     "GetBlob",
     "Goodbye",
     "GpuInfo",
     "Heartbeat",
+    "InputReply",
+    "InputRequest",
+    "InterruptTask",
+    "JobData",
     "JobInfo",
+    "JobKind",
     "JobSpec",
     "JobUpdate",
     "JobsQuery",
@@ -43,11 +60,19 @@ __all__ = [
     "LogsQuery",
     "LogsReply",
     "Output",
+    "OutputKind",
     "Outputs",
     "Payload",
     "PutBlob",
+    "RankInfo",
     "Refused",
+    "RenderSpec",
+    "Rendezvous",
+    "RendezvousReady",
     "Resources",
+    "RunCell",
+    "SessionReady",
+    "ShippedFile",
     "Status",
     "StatusQuery",
     "StatusReply",
@@ -56,11 +81,11 @@ __all__ = [
     "TaskAttempt",
     "TaskDone",
     "TaskEvents",
-    "TaskInput",
     "TaskResult",
     "TaskResults",
     "TaskStatus",
     "TasksStarted",
+    "TrainSpec",
     "Welcome",
     "WorkerHello",
     "WorkerInfo",
@@ -77,7 +102,12 @@ class TaskStatus(enum.IntEnum):
     TIMEOUT = 4
     LOST = 5  # the worker running it went away
     UNPICKLABLE = 6  # its arguments could not be loaded or its result not pickled
-    MISSING_FUNCTION = 7  # the worker no longer had the job's function: send it again
+
+    @property
+    def machine_side(self) -> bool:
+        """What the machine did wrong (retried by default), as opposed to what the code did
+        wrong (``ERROR``, ``UNPICKLABLE``: failed at once unless the job retries errors)."""
+        return self in (TaskStatus.CRASHED, TaskStatus.TIMEOUT, TaskStatus.LOST)
 
 
 class Status(enum.IntEnum):
@@ -92,6 +122,30 @@ class Status(enum.IntEnum):
     @property
     def finished(self) -> bool:
         return self >= Status.DONE
+
+
+class JobKind(enum.IntEnum):
+    """What a job's tasks run. Travels as an int."""
+
+    CALL = 0  # fn(*args, **kwargs): one task per call
+    MAP = 1  # fn(item) for each item of a chunk; the value is the chunk's list of results
+    SESSION = 2  # a remote session: one leased process that runs cells until released
+    DDP = 3  # training ranks: a gang, each rank a fresh process with torch.distributed set up
+    RENDER = 4  # Blender renders the frames of each chunk; frames come back as files
+
+
+class OutputKind(enum.IntEnum):
+    """What an ``Output`` carries. Travels as an int."""
+
+    STDOUT = 0  # data: bytes
+    STDERR = 1  # data: bytes
+    DISPLAY = 2  # data: a MIME bundle; extra: metadata, transient, update
+    CLEAR_OUTPUT = 3  # extra: wait
+    EXECUTE_RESULT = 4  # a session cell's result: data a MIME bundle; extra: execution_count
+    SESSION = 5  # data: a session record (SessionReady, InputRequest, CellDone)
+    METRICS = 6  # data: a dict of metrics a training rank reported (pilot.train.report)
+    FRAME = 7  # data: a FrameDone record (a rendered frame, stored); item: the frame number
+    CHECKPOINT = 8  # data: a FileRef to a training checkpoint the gateway keeps; item: its number
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -131,19 +185,94 @@ class GpuInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ShippedFile:
+    """A local file uploaded once to the gateway's blob store; the task finds it at ``path``
+    (relative) in its working directory."""
+
+    path: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobData:
+    """What a job reads and writes besides its arguments (built by ``build_job_data``):
+    datasets listed on the client (item ``i`` sees its shard of each when ``shard_over`` > 0),
+    files shipped by content hash, and where result files go (``""``: the gateway)."""
+
+    refs: tuple[DataRef, ...] = ()
+    shard_over: int = 0
+    ship: tuple[ShippedFile, ...] = ()
+    results_url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainSpec:
+    """How a DDP job's ranks run and recover (``JobSpec.train``)."""
+
+    restarts: int = 0  # group restarts after a rank fails
+    min_ranks: int = 0  # a restart may shrink the world down to this many ranks (0: no shrink)
+    backend: str = "auto"  # gloo, nccl, or auto (nccl when every rank has a GPU)
+    checkpoint_url: str = ""  # fsspec URL for pilot.train.checkpoint ("": the gateway's store)
+    init_timeout_s: float = 60.0  # a rank that has not joined by then fails the group
+
+
+@dataclass(frozen=True, slots=True)
+class RankInfo:
+    """One rank's place in its group (``Assignment.rank``): what torchrun's environment says."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    group_rank: int  # the index of this rank's worker among the group's workers
+    restart: int  # TORCHELASTIC_RESTART_COUNT
+    run_id: str
+    hosts_rendezvous: bool  # this worker runs rank 0 and opens the rendezvous socket
+
+
+@dataclass(frozen=True, slots=True)
+class RenderSpec:
+    """What a RENDER job renders (``JobSpec.render``); zero values keep the scene's settings."""
+
+    scene: str  # the .blend, relative to the task's working directory (shipped by hash)
+    engine: str = ""
+    samples: int = 0
+    resolution: tuple[int, ...] = ()  # (width, height) or ()
+    file_format: str = "PNG"  # PNG, JPEG or OPEN_EXR
+    body: str = ""  # Python run in Blender before rendering (bpy and scene bound)
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """Bytes under their SHA-256 (hex): a function, travelling once by content hash."""
+
+    digest: str
+    data: Payload
+
+
+@dataclass(frozen=True, slots=True)
 class JobSpec:
-    """A job as the client describes it. ``fn`` is sent once per connection per ``fn_key``;
-    later jobs with the same key carry ``fn=None``."""
+    """A job as the client describes it. ``fn_digest`` names the function's blob, which
+    travels once (``Submit.blobs``) and is fetched by a worker that lacks it. ``data_keys``
+    holds one locality key per task (empty: no data)."""
 
     job_id: str
     name: str
-    fn_key: str
-    fn: Payload | None
+    kind: JobKind
+    fn_digest: str
     n_tasks: int
     resources: Resources = field(default_factory=Resources)
     timeout_s: float = 0.0  # 0: no per-task timeout
-    retries: int = -1  # -1: the gateway's default
-    meta: dict[str, Any] = field(default_factory=dict)
+    retries: int = -1  # -1: the scheduling policy's default
+    retry_errors: bool = False  # retry a task whose code raised, too
+    chunk: int = 1  # MAP: items per task
+    data: JobData | None = None
+    data_keys: tuple[str, ...] = ()
+    lease: bool = False  # ends when its client goes silent (a remote session)
+    meta: dict[str, Any] = field(default_factory=dict)  # extensions only
+    train: TrainSpec | None = None  # DDP
+    render: RenderSpec | None = None  # RENDER
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,18 +286,25 @@ class TaskAttempt:
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """A task handed to a worker. ``fn`` is None when the worker already has ``fn_key``."""
+    """A task handed to a worker: its job's kind, function (by digest) and data, its own
+    arguments and resources."""
 
     job_id: str
     index: int
     attempt: int
-    fn_key: str
-    fn: Payload | None
+    kind: JobKind
+    fn_digest: str
     args: Payload
     timeout_s: float = 0.0
-    meta: dict[str, Any] = field(default_factory=dict)
     cpus: int = 1
     gpus: int = 0
+    data: JobData | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the job's extensions
+    train: TrainSpec | None = None  # DDP: the job's training settings
+    rank: RankInfo | None = None  # DDP: this rank's place in its group
+    render: RenderSpec | None = None  # RENDER
+    skip: tuple[int, ...] = ()  # items (frames) already stored by an earlier attempt
+    checkpoint: FileRef | None = None  # DDP: the job's latest checkpoint kept by the gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,12 +325,13 @@ class TaskResult:
     job_id: str
     index: int
     attempt: int
-    status: int
+    status: TaskStatus
     value: Payload | None = None
     error: str = ""
     duration_s: float = 0.0
     item: int = -1  # in a map chunk: the global index of the item that failed
     files: tuple[FileRef, ...] = ()  # result files the task wrote
+    progressed: bool = False  # it reported progress first (a rank that trained a step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +340,7 @@ class TaskDone:
 
     job_id: str
     index: int
-    status: int
+    status: TaskStatus
     value: Payload | None = None
     error: str = ""
     worker: str = ""
@@ -215,19 +352,55 @@ class TaskDone:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """Something a running task produced besides its result.
-
-    ``kind`` is ``stdout``/``stderr`` (``data`` is bytes), ``display`` (``data`` is a MIME
-    bundle; ``extra`` holds ``metadata``, ``transient``, ``update``) or ``progress``.
-    ``item`` is the global item index inside a map chunk, or -1.
-    """
+    """Something a running task produced besides its result (see ``OutputKind``).
+    ``item`` is the global item index inside a map chunk, or -1."""
 
     job_id: str
     index: int
     item: int
-    kind: str
+    kind: OutputKind
     data: Any
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameDone:
+    """A rendered frame, stored (``Output`` of kind FRAME; ``Output.item`` is the frame)."""
+
+    frame: int
+    file: FileRef
+    thumbnail: bytes = b""  # a small PNG for the live preview
+    blender: str = ""  # the version that rendered it
+
+
+@dataclass(frozen=True, slots=True)
+class SessionReady:
+    """A remote session's process is up (``Output`` of kind ``SESSION``)."""
+
+    host: str
+    pid: int
+    python: str
+    cwd: str
+
+
+@dataclass(frozen=True, slots=True)
+class InputRequest:
+    """A remote cell called ``input()`` or ``getpass()``; answered with ``InputReply``."""
+
+    prompt: str
+    password: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CellDone:
+    """A remote cell finished; after every output it produced."""
+
+    cell_id: str
+    ok: bool
+    execution_count: int
+    ename: str = ""
+    evalue: str = ""
+    traceback: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +420,7 @@ class WorkerInfo:
 class JobInfo:
     job_id: str
     name: str
-    state: int
+    state: Status
     n_tasks: int
     done: int
     failed: int
@@ -275,13 +448,19 @@ class WorkerHello:
     tags: tuple[str, ...] = ()
     running: tuple[TaskAttempt, ...] = ()
     pid: int = 0
+    blender: str = ""  # the Blender version it renders with ("": none)
+    host: str = ""  # the host's name, for the status page
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
+    """The gateway's answer to a hello (and to a client's heartbeat). ``policy`` is set for
+    workers: they batch and report by its knobs."""
+
     gateway_id: str
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    policy: SchedulingPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,22 +488,25 @@ class Goodbye:
 
 @dataclass(frozen=True, slots=True)
 class ErrorReply:
-    """A request that could not be served. ``request_id`` is the request's ``msg_id``."""
+    """A request that could not be served. ``request_id`` is the request's ``msg_id``;
+    ``code`` maps to the error tree (``error_for``)."""
 
     request_id: str
     error: str
-    kind: str = "PilotError"
+    code: ErrorCode = ErrorCode.INTERNAL
 
 
 @dataclass(frozen=True, slots=True)
 class Submit:
-    """New jobs with their tasks. ``tasks[i]`` holds the argument payloads of ``jobs[i]``.
-    ``fresh``: none of these jobs was sent before (so the gateway need not look them up in its
-    store in case this is a re-sent submit)."""
+    """New jobs with their tasks. ``tasks[i]`` holds the argument payloads of ``jobs[i]``;
+    ``blobs`` the functions the gateway has not had from this client yet (stored before any
+    job is accepted). ``fresh``: none of these jobs was sent before (so the gateway need not
+    look them up in its store in case this is a re-sent submit)."""
 
     jobs: tuple[JobSpec, ...]
     tasks: tuple[tuple[Payload, ...], ...]
     fresh: bool = False
+    blobs: tuple[Blob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +532,7 @@ class AttachJob:
 @dataclass(frozen=True, slots=True)
 class JobUpdate:
     job_id: str
-    state: int
+    state: Status
     error: str = ""
     spec: JobSpec | None = None  # set in answer to AttachJob
 
@@ -412,6 +594,9 @@ class LogsReply:
 
 @dataclass(frozen=True, slots=True)
 class Assign:
+    """Tasks for a worker. Functions travel by digest (``Assignment.fn_digest``): a worker
+    that has not got one asks for it once (``GetBlob``) and keeps it by content."""
+
     tasks: tuple[Assignment, ...]
 
 
@@ -426,15 +611,51 @@ class TasksStarted:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskInput:
-    """Something for a running task, from its client (relayed by the gateway and the worker):
-    ``kind`` is ``cell`` (``data``: code and cell id), ``input_reply`` (``data``: the text) or
-    ``interrupt`` (the worker sends SIGINT; nothing is forwarded)."""
+class RunCell:
+    """A cell for a remote session (task ``job_id[index]``), from its client; relayed by the
+    gateway and the worker. Answered by outputs, then a ``CellDone``."""
 
     job_id: str
     index: int
-    kind: str
-    data: Any = None
+    cell_id: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class InputReply:
+    """The text a remote cell's ``input()`` asked for (``InputRequest``)."""
+
+    job_id: str
+    index: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptTask:
+    """Interrupt what a running task does (the worker sends it SIGINT); the task lives on."""
+
+    job_id: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RendezvousReady:
+    """The worker that runs rank 0 of a group opened its rendezvous socket at host:port."""
+
+    job_id: str
+    restart: int
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rendezvous:
+    """Where the ranks of a group meet (relayed from ``RendezvousReady``)."""
+
+    job_id: str
+    restart: int
+    host: str
+    port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +705,18 @@ RECORD_TYPES: tuple[type, ...] = (
     JobInfo,
     JobUpdate,  # also a message; nested in TaskEvents.ended
     FileRef,
+    DataRef,
+    ShippedFile,
+    JobData,
+    Blob,
+    SessionReady,
+    InputRequest,
+    CellDone,
+    SchedulingPolicy,
+    TrainSpec,
+    RankInfo,
+    RenderSpec,
+    FrameDone,
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -511,10 +744,14 @@ MESSAGE_TYPES: tuple[type, ...] = (
     CancelTasks,
     TasksStarted,
     TaskResults,
-    TaskInput,
+    RunCell,
+    InputReply,
+    InterruptTask,
     PutBlob,
     GetBlob,
     BlobReply,
+    RendezvousReady,
+    Rendezvous,
 )
 
 # Which messages each side may send; the codec of the receiving side refuses the rest.
@@ -528,7 +765,9 @@ FROM_CLIENT: tuple[type, ...] = (
     StatusQuery,
     JobsQuery,
     LogsQuery,
-    TaskInput,
+    RunCell,
+    InputReply,
+    InterruptTask,
     PutBlob,
     GetBlob,
 )
@@ -541,4 +780,5 @@ FROM_WORKER: tuple[type, ...] = (
     Outputs,
     PutBlob,
     GetBlob,
+    RendezvousReady,
 )

@@ -1,0 +1,9 @@
+"""The client role of the gateway package: the async client (one DEALER socket on one loop) and
+the one sync facade (``Client``, ``Job``) that the Python API, the magic, the kernel and the CLI
+share.
+"""
+
+from gateway.client._job import Job
+from gateway.client._sync import Client
+
+__all__ = ["Client", "Job"]

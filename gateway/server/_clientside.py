@@ -1,0 +1,287 @@
+"""The gateway's client side: what it does for each message a client sends.
+
+``ClientHandler`` is one part of the ``Gateway``, built from what it uses (the registry, the
+instruction executor and through it the scheduler, the store, the outbox): submit (functions
+arrive as blobs, stored before any job is accepted), cancel, attach (with the replay of a job's
+finished tasks and kept outputs), status, jobs, logs, blobs, messages for running tasks (relayed
+to their worker), and the leases that end a remote session whose client died.
+
+While the store cannot write (``store.healthy`` is false), new work is refused with
+``ErrorCode.STORE_UNAVAILABLE``: nothing is accepted that could not be made durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.protocol import (
+    AttachJob,
+    BlobReply,
+    CancelJob,
+    ClientHello,
+    Codec,
+    ErrorCode,
+    ErrorReply,
+    GatewaySettings,
+    GetBlob,
+    Goodbye,
+    Heartbeat,
+    InputReply,
+    InterruptTask,
+    JobInfo,
+    JobKind,
+    JobSpec,
+    JobsQuery,
+    JobsReply,
+    JobUpdate,
+    LogsQuery,
+    LogsReply,
+    Outputs,
+    Payload,
+    PutBlob,
+    RunCell,
+    StatusQuery,
+    StatusReply,
+    Submit,
+    TaskEvents,
+    Welcome,
+    WorkerInfo,
+)
+from gateway.server import _scheduler as sch
+from gateway.server._instructions import Executor
+from gateway.server._outbox import Outbox
+from gateway.server._registry import JobRecord, Registry
+from gateway.server._state import StateStore
+
+__all__ = ["ClientHandler"]
+
+log = logging.getLogger("pilot.gateway")
+
+
+class ClientHandler:
+    """Handlers for client messages (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        gateway_id: str,
+        registry: Registry,
+        executor: Executor,
+        store: StateStore,
+        outbox: Outbox,
+        counters: dict[str, int],
+        codecs: Callable[[], dict[str, Codec]],
+    ) -> None:
+        self._settings = settings
+        self._gateway_id = gateway_id
+        self._registry = registry
+        self._executor = executor
+        self._scheduler = executor.scheduler
+        self._store = store
+        self._outbox = outbox
+        self._counters = counters
+        self._codecs = codecs
+        self._seen: dict[bytes, float] = {}  # client -> last heard (leases)
+        self._status_waiters: list[tuple[bytes, str, StatusQuery, float]] = []
+
+    def handle(self, ident: bytes, msg_id: str, msg: Any) -> None:
+        self._seen[ident] = time.monotonic()
+        out = self._outbox
+        match msg:
+            case Heartbeat() | ClientHello():
+                t = self._settings.timeouts
+                out.client(
+                    ident, Welcome(self._gateway_id, t.heartbeat_interval_s, t.heartbeat_timeout_s)
+                )
+            case Submit():
+                self._submit(ident, msg_id, msg)
+            case CancelJob(job_id=job_id):
+                self._executor.handle(sch.JobCancel(job_id, time.monotonic()))
+            case AttachJob():
+                self._attach(ident, msg_id, msg)
+            case StatusQuery():
+                deadline = time.monotonic() + max(0.0, msg.timeout_s)
+                self._status_waiters.append((ident, msg_id, msg, deadline))
+                self.answer_status_waiters()
+            case JobsQuery(limit=limit):
+                out.client(ident, JobsReply(tuple(self._store.jobs(limit)), msg_id))
+            case LogsQuery(job_id=job_id, index=index):
+                self._store.flush()
+                if self._store.job_spec(job_id) is None and job_id not in self._registry.jobs:
+                    out.client(ident, _not_found(msg_id, job_id))
+                    return
+                out.client(ident, LogsReply(tuple(self._store.outputs(job_id, index)), msg_id))
+            case PutBlob() | GetBlob():
+                out.client(ident, self.blob(msg_id, msg))
+            case RunCell() | InputReply() | InterruptTask():
+                worker = self._scheduler.worker_of(msg.job_id, msg.index)
+                if worker is None:
+                    text = f"Task {msg.job_id}[{msg.index}] is not running."
+                    out.client(ident, ErrorReply(msg_id, text, ErrorCode.NOT_RUNNING))
+                else:
+                    out.worker(worker, msg)
+            case Goodbye():
+                for job_id, job in list(self._registry.jobs.items()):
+                    job.subscribers.discard(ident)
+                    if job.spec.lease and job.owner == ident:
+                        self._executor.handle(sch.JobCancel(job_id, time.monotonic()))
+                self._seen.pop(ident, None)
+
+    def blob(self, msg_id: str, msg: PutBlob | GetBlob) -> BlobReply:
+        """Store or fetch a blob (functions, shipped files, result files) for any peer."""
+        if isinstance(msg, PutBlob):
+            self._counters["blob_puts"] += 1
+            ok, error = self._put_blob(msg.digest, msg.data)
+            return BlobReply(msg_id, msg.digest, ok, error=error)
+        known = self._executor.known_blob(msg.digest)
+        if known is not None:
+            return BlobReply(msg_id, msg.digest, True, known.data)
+        try:
+            return BlobReply(msg_id, msg.digest, True, self._store.blobs.get(msg.digest))
+        except FileNotFoundError:
+            return BlobReply(msg_id, msg.digest, False, error=f"no blob {msg.digest} here")
+
+    def _put_blob(self, digest: str, data: Payload) -> tuple[bool, str]:
+        blobs = self._store.blobs
+        stored = blobs.put(data)
+        if stored != digest:
+            blobs.path(stored).unlink(missing_ok=True)
+            return False, "content does not match digest"
+        return True, ""
+
+    def _submit(self, ident: bytes, msg_id: str, msg: Submit) -> None:
+        if not self._store.healthy:
+            text = (
+                "The gateway cannot write its state right now (see its log: a full disk?); it "
+                "takes no new work until it can. Free space where it keeps its state, then "
+                "submit again."
+            )
+            for spec in msg.jobs:
+                self._outbox.client(
+                    ident, ErrorReply(spec.job_id, text, ErrorCode.STORE_UNAVAILABLE)
+                )
+            return
+        for blob in msg.blobs:  # the functions, before any job that names them
+            ok, error = self._put_blob(blob.digest, blob.data)
+            if not ok:
+                self._outbox.client(ident, ErrorReply(msg_id, error, ErrorCode.BAD_REQUEST))
+                return
+            self._executor.remember(blob)
+        now = time.monotonic()
+        stored: set[str] = set()
+        if not msg.fresh:  # it may be a re-sent submit: look for its jobs in the store
+            stored = self._store.known_jobs(
+                [s.job_id for s in msg.jobs if s.job_id not in self._registry.jobs]
+            )
+        for spec, args in zip(msg.jobs, msg.tasks, strict=True):
+            if spec.job_id in self._registry.jobs or spec.job_id in stored:
+                continue  # a re-sent submit after a reconnect: already have it
+            wall = time.time()
+            self._store.add_job(spec, args, wall)
+            self._registry.add(JobRecord(spec, dict(enumerate(args)), {ident}, wall, owner=ident))
+            self._executor.handle(job_added(spec, now, self._settings))
+        self._outbox.ack(ident, [s.job_id for s in msg.jobs])
+        self._counters["jobs_submitted"] += len(msg.jobs)
+
+    def _attach(self, ident: bytes, msg_id: str, msg: AttachJob) -> None:
+        self._store.flush()
+        found = self._store.job_spec(msg.job_id)
+        if found is None:
+            self._outbox.client(ident, _not_found(msg_id, msg.job_id))
+            return
+        spec, state, error = found
+        job = self._registry.jobs.get(msg.job_id)
+        if job is not None:
+            job.subscribers.add(ident)
+        self._outbox.client(ident, JobUpdate(msg.job_id, state, error, spec))
+        if msg.replay_outputs:
+            outs = self._store.outputs(msg.job_id)
+            if outs:
+                self._outbox.client(ident, Outputs(tuple(outs)))
+        settled = self._store.settled_tasks(msg.job_id)
+        if settled:
+            self._outbox.client(ident, TaskEvents(tuple(settled)))
+        if job is None:  # finished: say so after the replay
+            self._outbox.client(ident, JobUpdate(msg.job_id, state, error))
+
+    def answer_status_waiters(self) -> None:
+        if not self._status_waiters:
+            return
+        now = time.monotonic()
+        keep = []
+        for ident, msg_id, q, deadline in self._status_waiters:
+            if len(self._registry.workers) >= q.wait_workers or now >= deadline:
+                self._outbox.client(ident, self.status_reply(msg_id))
+            else:
+                keep.append((ident, msg_id, q, deadline))
+        self._status_waiters = keep
+
+    def status_reply(self, request_id: str = "") -> StatusReply:
+        now = time.monotonic()
+        workers = tuple(
+            WorkerInfo(
+                w.hello.name,
+                w.hello.slots,
+                w.hello.cpus,
+                w.hello.memory_bytes,
+                w.hello.gpus,
+                w.hello.tags,
+                self._scheduler.running_on(w.hello.name),
+                now - w.since,
+                w.done,
+            )
+            for w in self._registry.workers.values()
+        )
+        jobs = []
+        for job_id, j in self._registry.jobs.items():
+            state, done, failed = self._scheduler.job_progress(job_id)
+            jobs.append(
+                JobInfo(job_id, j.spec.name, state, j.spec.n_tasks, done, failed, j.created)
+            )
+        counters = dict(self._counters)
+        for side, codec in self._codecs().items():
+            for reason, n in codec.rejected.items():
+                counters[f"rejected_{side}_{reason}"] = n
+        return StatusReply(self._gateway_id, workers, tuple(jobs), counters, request_id)
+
+    def expire_leases(self, now: float) -> None:
+        """A job with a lease (a remote session) ends when its client has been silent past the
+        policy's lease deadline: a kernel killed without a goodbye."""
+        deadline = (
+            self._settings.policy.lease_timeout_s or self._settings.timeouts.heartbeat_timeout_s
+        )
+        for job_id in list(self._registry.leased):
+            job = self._registry.jobs[job_id]
+            if job.owner is None:
+                continue
+            if now - self._seen.get(job.owner, now) > deadline:
+                log.info("lease of job %s expired: its client went silent", job_id)
+                self._executor.handle(sch.JobCancel(job_id, now))
+
+
+def job_added(spec: JobSpec, now: float, settings: GatewaySettings, **recovery: Any) -> Any:
+    """The scheduler's ``JobAdded`` for ``spec`` (``recovery``: settled tasks and orphans of a
+    job resumed after a restart)."""
+    train = spec.train
+    return sch.JobAdded(
+        spec.job_id,
+        spec.n_tasks,
+        spec.resources,
+        now,
+        spec.timeout_s,
+        settings.policy.retries_for(spec.retries),
+        data_keys=spec.data_keys,
+        family=spec.fn_digest,
+        retry_errors=spec.retry_errors,
+        gang=spec.kind == JobKind.DDP,
+        min_tasks=train.min_ranks if train is not None else 0,
+        restarts=train.restarts if train is not None else 0,
+        **recovery,
+    )
+
+
+def _not_found(msg_id: str, job_id: str) -> ErrorReply:
+    return ErrorReply(msg_id, f"No job {job_id} in this gateway.", ErrorCode.JOB_NOT_FOUND)

@@ -1,0 +1,331 @@
+"""The gateway: two ROUTER sockets and the parts that serve them, on one asyncio loop.
+
+``Gateway`` is an async context manager: entering binds the sockets, opens the state, builds
+its parts, resumes unfinished jobs and starts its loops in a TaskGroup it owns; leaving stops
+them and closes everything. ``ready`` is set once the connection file is written.
+
+Parts, each owning its state and built from what it uses: the ``Registry`` (job and worker
+records), the ``Scheduler`` (a pure state machine that alone owns job and task state), the
+``StateStore`` (SQLite and the blob store), the ``Outbox`` (what a turn sends), the
+``Executor`` (carries out the scheduler's instructions), the ``ClientHandler`` and the
+``WorkerHandler`` (one per socket).
+
+A loop turn drains every message waiting on a socket, feeds the handlers, commits the state
+(group commit), and only then sends what the turn produced, workers first: a result reaches a
+client only after it is on disk, an assignment reaches a worker only after its attempt is (a
+restarted gateway numbers attempts from what it finds on disk). If the commit fails, the rows
+stay buffered, only messages that report no stored state leave, new work is refused, and the
+next turn tries again (``StateStore.flush``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import gc
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import zmq
+
+from gateway.protocol import (
+    FROM_CLIENT,
+    FROM_WORKER,
+    Codec,
+    ConnectionInfo,
+    Drain,
+    ErrorReply,
+    GatewaySettings,
+    JobKind,
+    MessageTooLarge,
+    PilotError,
+    ProtocolError,
+    Refused,
+    StatusReply,
+    TaskAttempt,
+    VersionMismatch,
+    send_frames,
+)
+from gateway.server import _scheduler as sch
+from gateway.server._blobs import BlobStore
+from gateway.server._clientside import ClientHandler, job_added
+from gateway.server._instructions import Executor
+from gateway.server._outbox import Outbox
+from gateway.server._registry import JobRecord, Registry
+from gateway.server._state import StateStore
+from gateway.server._workerside import WorkerHandler
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("pilot.gateway")
+
+TICK_S = 0.2
+GC_YOUNG_OBJECTS = 20_000  # allocations between collections of the youngest generation
+
+
+class GatewayState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Gateway:
+    """See the module docstring."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.state = GatewayState.NEW
+        self.ready = asyncio.Event()
+        self.gateway_id = os.urandom(6).hex()
+        self.connection: ConnectionInfo | None = None
+        key = settings.key
+        limits = dict(
+            max_message_bytes=settings.max_message_bytes,
+            replay_window_s=settings.timeouts.replay_window_s,
+        )
+        self._client_codec = Codec(key, accept=FROM_CLIENT, **limits)  # type: ignore[arg-type]
+        self._worker_codec = Codec(key, accept=FROM_WORKER, **limits)  # type: ignore[arg-type]
+        self.counters: dict[str, int] = defaultdict(int)
+        self.registry = Registry()
+        self.outbox = Outbox(self._send_client, self._send_worker)
+        self._ctx = zmq.Context()
+        self._drains: list[Drain] = []
+        self._group: asyncio.TaskGroup | None = None
+        self._stop_event = asyncio.Event()
+        self._http: Any = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Gateway:
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StateStore(
+            s.state_dir / "state.sqlite",
+            BlobStore(s.state_dir / "blobs"),
+            inline_bytes=s.inline_result_bytes,
+        )
+        t = s.timeouts
+        self.scheduler = sch.Scheduler(
+            s.policy, heartbeat_timeout_s=t.heartbeat_timeout_s, orphan_grace_s=t.orphan_grace_s
+        )
+        self.executor = Executor(
+            self.scheduler, self.registry, self.store, self.outbox, self.counters
+        )
+        self.clients = ClientHandler(
+            s,
+            self.gateway_id,
+            self.registry,
+            self.executor,
+            self.store,
+            self.outbox,
+            self.counters,
+            lambda: {"client": self._client_codec, "worker": self._worker_codec},
+        )
+        self.workers = WorkerHandler(
+            s,
+            self.gateway_id,
+            self.registry,
+            self.executor,
+            self.store,
+            self.outbox,
+            self._send_worker_ident,
+            self.clients.blob,
+            self.clients.answer_status_waiters,
+        )
+        self._clients_sock = self._bind(s.client_port)
+        self._workers_sock = self._bind(s.worker_port, handover=True)
+        client_url = self._clients_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        worker_url = self._workers_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        http_url = await self._start_http()
+        self._resume()
+        self.connection = ConnectionInfo(
+            client_url=client_url,
+            worker_url=worker_url,
+            key=s.key,
+            http_url=http_url,
+            gateway_id=self.gateway_id,
+            pid=os.getpid(),
+        )
+        if s.connection_file is not None:
+            self.connection.save(s.connection_file)
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._drains = [
+            Drain(self._clients_sock, self._from_client, self._end_turn),
+            Drain(self._workers_sock, self._from_worker, self._end_turn),
+        ]
+        self._group.create_task(self._ticker())
+        # The gateway holds many long-lived records (every live job and task) and makes few
+        # reference cycles: a young generation collected every GC_YOUNG_OBJECTS allocations,
+        # and everything alive at start-up left out of collections, keep the collector from
+        # re-walking that heap in the hot path.
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
+        self.state = GatewayState.RUNNING
+        self.ready.set()
+        log.info(
+            "gateway %s ready: clients %s, workers %s", self.gateway_id, client_url, worker_url
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.state = GatewayState.STOPPED
+        self._stop_event.set()
+        for drain in self._drains:
+            drain.close()
+        if self._group is not None:
+            await self._group.__aexit__(None, None, None)
+        if self._http is not None:
+            self._http.stop()
+        self.store.close()
+        self._remove_connection_file()
+        for sock in (self._clients_sock, self._workers_sock):
+            sock.close(linger=0)
+        self._ctx.term()
+
+    def _remove_connection_file(self) -> None:
+        """A stopped gateway's file would send clients to nobody; another's is left alone."""
+        path = self.settings.connection_file
+        if path is None:
+            return
+        try:
+            if ConnectionInfo.load(path).gateway_id == self.gateway_id:
+                path.unlink()
+        except PilotError as exc:
+            log.debug("connection file not removed: %s", exc)
+
+    async def serve_forever(self) -> None:
+        await self._stop_event.wait()
+
+    def stop(self) -> None:
+        """Ask the loops to end; ``__aexit__`` waits for them."""
+        self._stop_event.set()
+
+    def status_reply(self) -> StatusReply:
+        """Workers, live jobs and counters now (for the HTTP status API)."""
+        return self.clients.status_reply()
+
+    def _bind(self, port: int, handover: bool = False) -> zmq.Socket[Any]:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # never drop: a ROUTER drops silently at the HWM
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A frame bigger than the limit is dropped by libzmq before it costs memory.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes + 4096)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.bind(f"tcp://{self.settings.bind}:{port}")
+        return sock
+
+    async def _start_http(self) -> str:
+        if self.settings.http_port is None:
+            return ""
+        from gateway.server._http import start_http  # tornado is only needed with a dashboard
+
+        self._http, url = start_http(self, self.settings.bind, self.settings.http_port)
+        return url
+
+    def _resume(self) -> None:
+        """Rebuild jobs and scheduler state from the store after a restart."""
+        now = time.monotonic()
+        for u in self.store.unfinished_jobs():
+            spec = u.spec
+            record = JobRecord(spec, {}, set(), u.created)
+            self.registry.add(record)
+            if spec.kind in (JobKind.RENDER, JobKind.DDP):  # frames and checkpoints stored
+                for out in self.store.outputs(spec.job_id):
+                    record.keep(out)
+            self.executor.handle(
+                job_added(
+                    spec,
+                    now,
+                    self.settings,
+                    settled=u.settled,
+                    orphans=tuple(TaskAttempt(spec.job_id, i, a) for i, a, _ in u.out),
+                    orphan_workers=tuple(w for _, _, w in u.out),
+                )
+            )
+            log.info(
+                "resumed job %s: %d settled, %d out on workers",
+                spec.job_id,
+                len(u.settled),
+                len(u.out),
+            )
+
+    # -- the loops --------------------------------------------------------------------------
+
+    def _from_client(self, frames: list[zmq.Frame]) -> None:
+        self._receive(frames, self._client_codec, self.clients.handle, self._send_client)
+
+    def _from_worker(self, frames: list[zmq.Frame]) -> None:
+        self._receive(frames, self._worker_codec, self.workers.handle, self._send_worker_ident)
+
+    def _receive(self, frames: list[zmq.Frame], codec: Codec, handle: Any, reply: Any) -> None:
+        ident = frames[0].bytes
+        self.counters["bytes_in"] += sum(len(f) for f in frames)  # to show what we relay
+        try:
+            env = codec.decode(frames[1:])
+        except VersionMismatch as exc:
+            self.counters["rejected"] += 1
+            log.warning("refused peer %r: %s", ident, exc)
+            reply(ident, Refused(str(exc), retry=False))
+            return
+        except (MessageTooLarge, ProtocolError) as exc:
+            self.counters["rejected"] += 1
+            log.warning("rejected a message from %r: %s", ident, exc)
+            return
+        try:
+            handle(ident, env.msg_id, env.msg)
+        except Exception:
+            self.counters["handler_errors"] += 1
+            log.exception("error handling %s from %r", type(env.msg).__name__, ident)
+            reply(ident, ErrorReply(env.msg_id, "internal gateway error: see its log"))
+
+    async def _ticker(self) -> None:
+        while not self._stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), TICK_S)
+            now = time.monotonic()
+            self.executor.handle(sch.Tick(now))
+            self.clients.expire_leases(now)
+            self.clients.answer_status_waiters()
+            self._end_turn(acks=True)
+
+    def _end_turn(self, acks: bool = False) -> None:
+        durable = self.store.flush()
+        if not durable:
+            self.counters["commit_failures"] += 1
+        self.outbox.send(durable=durable, acks=acks)
+        for drain in self._drains:  # sending may have swallowed a read edge
+            drain.kick()
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _send_client(self, ident: bytes, msg: Any) -> None:
+        self._send_raw(self._clients_sock, self._client_codec, ident, msg)
+
+    def _send_worker(self, name: str, msg: Any) -> None:
+        w = self.registry.workers.get(name)
+        if w is not None:
+            self._send_raw(self._workers_sock, self._worker_codec, w.ident, msg)
+
+    def _send_worker_ident(self, ident: bytes, msg: Any) -> None:
+        self._send_raw(self._workers_sock, self._worker_codec, ident, msg)
+
+    def _send_raw(self, sock: zmq.Socket[Any], codec: Codec, ident: bytes, msg: Any) -> None:
+        try:
+            frames = codec.encode(msg)
+        except MessageTooLarge as exc:
+            log.error("could not send %s: %s", type(msg).__name__, exc)
+            return
+        self.counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
+        try:
+            send_frames(sock, [ident, *frames])
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone (ROUTER_MANDATORY)
+            self.counters["unroutable"] += 1
+            log.debug("peer %r unreachable for %s: %s", ident, type(msg).__name__, exc)

@@ -1,0 +1,123 @@
+"""Durable before sent: a gateway whose database cannot grow (a real ``SQLITE_FULL``, made with
+``PRAGMA max_page_count``) sends nothing it has not stored, refuses new work with a clear error,
+loses nothing, and carries on when space comes back.
+
+The gateway runs in this process (on its own loop in a thread) so the test can cap its
+database; the worker is a real ``pilot worker`` process and the client a real ``Client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.client import Client
+from gateway.protocol import ConnectionInfo, GatewaySettings, JobError
+from gateway.server import Gateway
+from tests_support import TEST_TIMEOUTS, wait_until
+
+pytestmark = pytest.mark.system
+
+
+def padded(x: int) -> bytes:
+    return bytes([x % 256]) * 4000  # results that need new pages in the database
+
+
+class ThreadGateway:
+    """A ``Gateway`` on its own loop in a daemon thread; ``call(fn)`` runs ``fn(gateway)``
+    on that loop and returns its value."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.gateway = Gateway(settings)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            async with self.gateway as gw:
+                self._ready.set()
+                await gw.serve_forever()
+
+        self.loop.run_until_complete(main())
+
+    def __enter__(self) -> ThreadGateway:
+        self._thread.start()
+        assert self._ready.wait(30), "the gateway did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.gateway.stop)
+        self._thread.join(30)
+
+    def call(self, fn: Callable[[Gateway], Any]) -> Any:
+        async def go() -> Any:
+            return fn(self.gateway)
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[ThreadGateway, Client]]:
+    conn = tmp_path / "connection.json"
+    settings = GatewaySettings(
+        state_dir=tmp_path / "state",
+        http_port=None,
+        connection_file=conn,
+        timeouts=TEST_TIMEOUTS,
+        inline_result_bytes=1 << 20,
+    )
+    with ThreadGateway(settings) as gw:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pilot", "worker", "--connect", str(conn), "--name", "w1"]
+        )
+        client = Client(ConnectionInfo.load(conn), timeouts=TEST_TIMEOUTS)
+        try:
+            client.wait_for_workers(1, timeout=60)
+            yield gw, client
+        finally:
+            client.close()
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
+
+
+def test_a_full_database_holds_the_turn_refuses_new_work_and_loses_nothing(
+    cluster: tuple[ThreadGateway, Client],
+) -> None:
+    gw, client = cluster
+    assert client.map(padded, range(5)).wait(60).results == [padded(x) for x in range(5)]
+
+    gw.call(lambda g: g.store.limit_pages(g.store.page_count()))  # no room for one more page
+    held = client.map(padded, range(40), chunk=1)
+    wait_until(
+        lambda: client.status().counters.get("commit_failures", 0) >= 5,
+        timeout=30,
+        what="several turns whose commit failed",
+    )
+    # Turns went by and the worker is connected, yet nothing unstored left the gateway: no
+    # assignment (so no task ran), no result, no acknowledgement of the job's end.
+    assert held.progress == (0, 40)
+    assert not held.done()
+    assert client.status().jobs == () or all(j.done == 0 for j in client.status().jobs)
+
+    refused = client.map(padded, range(3))
+    with pytest.raises(JobError, match="cannot write its state"):
+        refused.wait(30)
+
+    gw.call(lambda g: g.store.limit_pages(0))  # space comes back
+    assert held.wait(120).results == [padded(x) for x in range(40)], "nothing was lost"
+    assert client.map(padded, range(3)).wait(60).results == [padded(x) for x in range(3)]
+    stored = gw.call(lambda g: g.store.settled_tasks(held.id))
+    assert len(stored) == 40, "every result is on disk, once"
