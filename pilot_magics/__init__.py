@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from pilot_magics._magics import PilotMagics
-from pilot_magics._options import DistributeOptions, parse_options
+from pilot_magics._options import DistributeOptions, RenderOptions, TrainOptions, parse_options
 from pilot_magics._render import RemoteCellError
 
 __all__ = [
     "DistributeOptions",
     "PilotMagics",
     "RemoteCellError",
+    "RenderOptions",
+    "TrainOptions",
     "load_ipython_extension",
     "parse_options",
     "unload_ipython_extension",

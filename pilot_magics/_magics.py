@@ -2,22 +2,32 @@
 
 One ``Client`` per kernel (the sync facade shared with the Python API), found by itself from
 ``PILOT_CONNECT`` or ``$PILOT_HOME/connection.json``, or set with ``%pilot connect``.
+
+``%%distribute`` submits one of three kinds of job: a map (``--over``, ``--partitions``, or the
+cell once; shown by ``CellRun``), training (``--ddp N``: ``Client.train``, shown by
+``TrainRun``) or rendering (``--render FILE``: ``Client.render``, shown by ``RenderRun``). The
+magic keeps the last job, and the last render job of each scene (by its absolute path) for
+``--missing-only``.
 """
 
 from __future__ import annotations
 
+import ast
 import shlex
 import time
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from gateway.client import Client, Job
 from gateway.protocol import ConfigError, DataError, PilotError, Status, find_connection
-from pilot_magics._options import DistributeOptions, parse_options
+from pilot_magics._frames_view import RenderRun, carry_frames
+from pilot_magics._options import DistributeOptions, RenderOptions, TrainOptions, parse_options
 from pilot_magics._packaging import build_cell_function
 from pilot_magics._render import CellRun
+from pilot_magics._train_view import TrainRun
 
 __all__ = ["PilotMagics"]
 
@@ -32,6 +42,7 @@ class PilotMagics(Magics):
         super().__init__(shell)
         self._client: Client | None = None
         self.last_job: Job | None = None
+        self.renders: dict[str, Job] = {}  # the last render job of each scene, by its path
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -102,10 +113,22 @@ class PilotMagics(Magics):
 
     # -- %%distribute -------------------------------------------------------------------------
 
-    @cell_magic
-    def distribute(self, line: str, cell: str) -> Any:
-        """Run the cell on the pool: once, once per item (--over), or per partition."""
+    @line_cell_magic
+    def distribute(self, line: str, cell: str | None = None) -> Any:
+        """Run the cell on the pool: once, once per item (--over), per partition, on every
+        rank of a training group (--ddp N), or as Blender Python before rendering frames of a
+        scene (--render FILE). A render needs no Python: ``%distribute --render ...`` (one %)
+        renders with the scene's own settings and the options'."""
         opts = parse_options(line)
+        if opts.render is not None:
+            return self._render(opts, opts.render, cell or "")
+        if cell is None:
+            raise UsageError(
+                "%distribute without a cell runs nothing: write %%distribute and the code to "
+                "run under it (only --render FILE needs no cell)."
+            )
+        if opts.train is not None:
+            return self._train(opts, opts.train, cell)
         ns = self.shell.user_ns
         source = self.shell.transform_cell(cell)
         label_name, items, bind, constants, chunk = self._plan(opts, ns)
@@ -114,10 +137,7 @@ class PilotMagics(Magics):
         job = self._submit(opts, fn, items, chunk, sharded=bool(bind))
         self.last_job = job
         if opts.async_var:
-            ns[opts.async_var] = job
-            what = f"{len(items)} items in {job.n_tasks} tasks"
-            print(f"job {job.id}: {what}, bound to {opts.async_var}")
-            return None
+            return self._bind_job(opts, job, f"{len(items)} items in {job.n_tasks} tasks")
         return self._follow(opts, job, items, label_name, bind)
 
     def _submit(
@@ -180,6 +200,133 @@ class PilotMagics(Magics):
         if opts.gather:
             ns[opts.gather] = self._gathered(opts, ns, job, items, label_name, bind)
         return None
+
+    def _bind_job(self, opts: DistributeOptions, job: Job, what: str) -> None:
+        assert opts.async_var is not None
+        self.shell.user_ns[opts.async_var] = job
+        print(f"job {job.id}: {what}, bound to {opts.async_var}")
+
+    # -- --ddp N ------------------------------------------------------------------------------
+
+    def _train(self, opts: DistributeOptions, t: TrainOptions, cell: str) -> Any:
+        """The cell runs on every rank (no names bound; ``pilot.train`` gives the rank)."""
+        ns = self.shell.user_ns
+        fn = build_cell_function(self.shell.transform_cell(cell), ns)
+        try:
+            job = self.client().train(
+                fn,
+                ranks=t.ranks,
+                cpus=opts.cpus,
+                gpus=opts.gpus,
+                tags=opts.tags,
+                restarts=t.restarts,
+                min_ranks=t.min_ranks,
+                checkpoint=t.checkpoint,
+                backend=t.backend,
+                init_timeout=t.init_timeout,
+                timeout=opts.timeout,
+                name="%%distribute --ddp",
+            )
+        except (DataError, ConfigError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        self.last_job = job
+        if opts.async_var:
+            return self._bind_job(opts, job, f"{t.ranks} ranks")
+        run = TrainRun(
+            job, ranks=t.ranks, rank_output=t.rank_output, quiet=opts.quiet, rich=self._rich()
+        )
+        run.follow()
+        print(run.summary())
+        error = run.error()
+        if error is not None:
+            raise error
+        job.wait()
+        if opts.gather:
+            ns[opts.gather] = job.results
+        return None
+
+    # -- --render FILE ------------------------------------------------------------------------
+
+    def _render(self, opts: DistributeOptions, r: RenderOptions, cell: str) -> Any:
+        """The cell (maybe empty) is Blender Python, run as it is typed before rendering."""
+        scene = Path(r.scene).expanduser()
+        if not scene.is_file():
+            raise UsageError(f"--render {r.scene}: no such .blend file in {Path.cwd()}.")
+        body = cell.strip()
+        try:
+            ast.parse(body)
+        except SyntaxError as exc:
+            raise UsageError(
+                f"The cell (Blender Python) has a syntax error (line {exc.lineno}): {exc.msg}"
+            ) from None
+        key = str(scene.resolve())
+        previous, frames = self._frames_to_render(opts, r, key)
+        if previous is not None and not frames:
+            print(f"--missing-only: every frame of job {previous.id} is there; nothing to render.")
+            if opts.async_var:
+                self.shell.user_ns[opts.async_var] = previous
+            if opts.gather:
+                self.shell.user_ns[opts.gather] = previous.frames
+            return None
+        try:
+            job = self.client().render(
+                scene,
+                frames,
+                chunk=opts.chunk,
+                video=r.video or None,
+                fps=r.fps,
+                engine=r.engine,
+                samples=r.samples,
+                resolution=r.resolution,
+                file_format=r.file_format,
+                body=body,
+                ship=opts.ship,
+                results=opts.results or "",
+                cpus=opts.cpus,
+                gpus=opts.gpus,
+                tags=opts.tags,
+                timeout=opts.timeout,
+                retries=opts.retries,
+            )
+        except (DataError, ConfigError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        assert job.render is not None
+        rendering = job.render.frames_asked
+        if previous is not None:
+            carry_frames(job, previous)
+        self.last_job = self.renders[key] = job
+        if opts.async_var:
+            return self._bind_job(opts, job, f"{len(rendering)} frames in {job.n_tasks} chunks")
+        run = RenderRun(job, rendering, quiet=opts.quiet, rich=self._rich())
+        run.follow()
+        print(run.summary())
+        error = run.error()
+        if error is not None:
+            raise error
+        job.wait()
+        run.finish(video=bool(r.video))
+        if opts.gather:
+            self.shell.user_ns[opts.gather] = job.frames
+        return None
+
+    def _frames_to_render(
+        self, opts: DistributeOptions, r: RenderOptions, key: str
+    ) -> tuple[Job | None, str | list[int]]:
+        """(the render that ``--missing-only`` completes, or None; the frames to render)."""
+        if not r.missing_only:
+            return None, r.frames
+        previous = self.renders.get(key)
+        if previous is None:
+            raise UsageError(
+                f"--missing-only renders again what the last render of {r.scene} in this "
+                "kernel left out, and there is none: run the cell without --missing-only."
+            )
+        if not previous.done():
+            raise UsageError(
+                f"The last render of {r.scene} (job {previous.id}) is still running: wait for "
+                "it (job.wait()) or cancel it (job.cancel()) first."
+            )
+        return previous, previous.missing_frames()
 
     def _plan(
         self, opts: DistributeOptions, ns: dict[str, Any]

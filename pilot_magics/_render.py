@@ -1,11 +1,13 @@
-"""Showing a running job in the cell that started it.
+"""Showing a running map job (``--over``, ``--partitions``, the cell once) in its cell.
 
 Runs on the kernel's main thread (display must), fed by ``CellRun.follow()``: each item's
 stdout/stderr lines are labelled (``[frame 17] rendering 17``), display data is published
 inline, one progress line is updated in place (a ``display_id`` update in a Jupyter frontend; a
 carriage-return line on a terminal), and a summary closes it. Failed tasks print their remote
 traceback, labelled; the cell then ends in ``RemoteCellError``, whose traceback is the remote
-one, with the cell's own line numbers and source.
+one, with the cell's own line numbers and source. Training cells are shown by
+``_train_view.py``, render cells by ``_frames_view.py``; the pieces all three share are in
+``_live.py``.
 """
 
 from __future__ import annotations
@@ -15,16 +17,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from IPython.display import (
-    DisplayHandle,
-    clear_output,
-    display,
-    publish_display_data,
-    update_display,
-)
+from IPython.display import DisplayHandle, display
 
 from gateway.client import Job
 from gateway.protocol import JobKind, JobUpdate, Output, OutputKind, TaskDone, TaskError, TaskStatus
+from pilot_magics._live import LabelledStreams, show_display
 
 __all__ = ["CellRun", "RemoteCellError"]
 
@@ -73,7 +70,7 @@ class CellRun:
         self.until = until
         self.rich = rich
         self.found: tuple[int, Any] | None = None
-        self._partial: dict[tuple[int, OutputKind], str] = {}
+        self._streams = LabelledStreams(self.label)
         self._handle: DisplayHandle | None = None
         self._last_progress = 0.0
         self._failed = 0
@@ -121,34 +118,12 @@ class CellRun:
     def _output(self, out: Output) -> None:
         match out.kind:
             case OutputKind.STDOUT | OutputKind.STDERR:
-                self._stream(out.item, out.kind, out.data.decode("utf-8", "replace"))
-            case OutputKind.DISPLAY:
-                extra = out.extra or {}
-                data, metadata = out.data, extra.get("metadata") or {}
-                transient = extra.get("transient") or {}
-                if extra.get("update") and transient.get("display_id"):
-                    update_display(data, raw=True, display_id=transient["display_id"])
-                else:
-                    publish_display_data(data, metadata, transient=transient)
-            case OutputKind.CLEAR_OUTPUT:
-                clear_output(wait=bool((out.extra or {}).get("wait")))
-
-    def _stream(self, item: int, kind: OutputKind, text: str) -> None:
-        key = (item, kind)
-        text = self._partial.pop(key, "") + text
-        lines = text.split("\n")
-        self._partial[key] = lines.pop()
-        if lines:
-            label = self.label(item)
-            stream = sys.stdout if kind == OutputKind.STDOUT else sys.stderr
-            stream.write("".join(f"{label}{line}\n" for line in lines))
+                self._streams.write(out.item, out.kind, out.data.decode("utf-8", "replace"))
+            case OutputKind.DISPLAY | OutputKind.CLEAR_OUTPUT:
+                show_display(out)
 
     def _flush_partial(self) -> None:
-        for (item, kind), rest in self._partial.items():
-            if rest:
-                stream = sys.stdout if kind == OutputKind.STDOUT else sys.stderr
-                stream.write(f"{self.label(item)}{rest}\n")
-        self._partial.clear()
+        self._streams.flush()
 
     # -- results ------------------------------------------------------------------------------
 

@@ -5,5 +5,6 @@ share.
 
 from gateway.client._job import Job
 from gateway.client._sync import Client
+from gateway.client._video import filmstrip
 
-__all__ = ["Client", "Job"]
+__all__ = ["Client", "Job", "filmstrip"]
