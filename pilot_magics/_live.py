@@ -32,10 +32,13 @@ REDRAW_EVERY_S = 0.2  # a live display changes at most 5 times a second
 
 
 class LabelledStreams:
-    """Lines of remote streams, labelled by ``label(key)`` (key: an item, a rank, a chunk)."""
+    """Lines of remote streams, labelled by ``label(key)`` (key: an item, a rank, a chunk).
+    With ``keep_labels``, a line that starts with its label already (a worker that labels
+    what it streams, as training ranks' are for ``pilot logs``) is not labelled twice."""
 
-    def __init__(self, label: Callable[[int], str]) -> None:
+    def __init__(self, label: Callable[[int], str], *, keep_labels: bool = False) -> None:
         self.label = label
+        self.keep_labels = keep_labels
         self._partial: dict[tuple[int, OutputKind], str] = {}
 
     def write(self, key: int, kind: OutputKind, text: str) -> None:
@@ -45,14 +48,19 @@ class LabelledStreams:
         self._partial[(key, kind)] = lines.pop()
         if lines:
             label = self.label(key)
-            _stream(kind).write("".join(f"{label}{line}\n" for line in lines))
+            _stream(kind).write("".join(self._labelled(label, line) for line in lines))
 
     def flush(self) -> None:
         """End every unfinished line (the job ended or failed)."""
         for (key, kind), rest in self._partial.items():
             if rest:
-                _stream(kind).write(f"{self.label(key)}{rest}\n")
+                _stream(kind).write(self._labelled(self.label(key), rest))
         self._partial.clear()
+
+    def _labelled(self, label: str, line: str) -> str:
+        if self.keep_labels and line.startswith(label):
+            return f"{line}\n"
+        return f"{label}{line}\n"
 
 
 def _stream(kind: OutputKind) -> Any:

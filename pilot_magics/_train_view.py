@@ -3,13 +3,14 @@
 Runs on the kernel's main thread, fed by ``TrainRun.follow()`` until the job ends:
 
 - every line a rank prints is labelled ``[rank r] `` (``rank_output``: only that rank's lines
-  and displays; ``quiet``: none). The gateway's notes (waiting for free rank slots, a rank
-  lost and the group restarting) are shown always, as they come; each restart is counted.
+  and displays; ``quiet``: none); rank r's outputs come as task r's (``Output.index``). The
+  gateway's notes (waiting for free rank slots, a rank lost and the group restarting) are
+  shown always, as they come; each restart is counted.
 - one display at the top of the cell, updated in place (at most 5 times a second, and once a
-  second for the clock): a status line (ranks, state, time, restarts,
-  checkpoints), the ``MetricsBoard`` table of each rank's latest ``pt.report(...)`` and, once
-  reports carry ``step`` and ``loss``, the loss plot beside it. A terminal IPython gets one
-  status line rewritten in place and the table at the end.
+  second for the clock): a status line (ranks, state, time, reports, restarts, checkpoints),
+  the ``MetricsBoard`` table of each rank's latest ``pt.report(...)`` and, once reports carry
+  ``step`` and ``loss``, the loss plot beside it. A terminal IPython gets the status line
+  rewritten in place and the table at the end.
 - a rank that failed prints its remote traceback, labelled; the cell then ends in
   ``RemoteCellError`` for the first failed rank (see ``error``). Kernel → Interrupt cancels
   the job (every rank stops) and re-raises ``KeyboardInterrupt``.
@@ -56,7 +57,8 @@ class TrainRun:
         self.rich = rich
         self.board = MetricsBoard()
         self.checkpoints = 0
-        self._streams = LabelledStreams(lambda rank: f"[rank {rank}] ")
+        # The worker labels the lines it streams (for ``pilot logs`` too): not twice here.
+        self._streams = LabelledStreams(lambda rank: f"[rank {rank}] ", keep_labels=True)
         self._display = LiveDisplay(rich)
         self._dirty = True
         self._failed = 0
