@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="gateway + local workers (the embedded default)")
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--slots", type=int, default=1)
+    up.add_argument("--blender", default=None, help="Blender for the workers to render with")
     up.set_defaults(run=_up)
 
     gw = sub.add_parser("gateway", help="run a gateway")
@@ -76,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     wk.add_argument("--name", default=None)
     wk.add_argument("--cache-size", default="20GB")
     wk.add_argument("--cache-dir", type=Path, default=None, help="default $PILOT_HOME/cache/NAME")
+    render = wk.add_mutually_exclusive_group()
+    render.add_argument(
+        "--blender", default=None, help="Blender to render with (default $PILOT_BLENDER, PATH)"
+    )
+    render.add_argument(
+        "--no-blender", action="store_true", help="take no render jobs, even with Blender here"
+    )
     wk.set_defaults(run=_worker)
 
     st = sub.add_parser("status", help="workers and running jobs")
@@ -204,6 +212,9 @@ def _worker(args: argparse.Namespace) -> int:
         tags=tuple(t for t in args.tags.split(",") if t),
         cache_bytes=parse_size(args.cache_size),
         max_message_bytes=int(os.environ.get("PILOT_MAX_MESSAGE_BYTES", 1 << 30)),
+        blender=args.blender or "",
+        blender_env=os.environ.get("PILOT_BLENDER", ""),
+        use_blender=not args.no_blender,
     )
 
     async def serve() -> None:
@@ -222,7 +233,7 @@ def _up(args: argparse.Namespace) -> int:
 
     home = default_home()
     t0 = time.perf_counter()
-    cluster = LocalCluster(args.workers, slots=args.slots, home=home)
+    cluster = LocalCluster(args.workers, slots=args.slots, home=home, blender=args.blender)
     stop = False
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -44,7 +44,8 @@ class LocalCluster:
     """A gateway plus ``workers`` local workers of ``slots`` slots each.
 
     ``home`` holds the state and the connection file (a temporary directory when None, removed
-    at exit). ``env`` is added to the processes' environment.
+    at exit). ``env`` is added to the processes' environment. ``blender``: the Blender the
+    workers render with (``--blender``; by default ``$PILOT_BLENDER``, else ``blender`` on PATH).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         worker_args: tuple[str, ...] = (),
         timeouts: Timeouts | None = None,
+        blender: str | os.PathLike[str] | None = None,
     ) -> None:
         self.n_workers = workers
         self.slots = slots
@@ -65,6 +67,8 @@ class LocalCluster:
         self.http = http
         self.env = {**os.environ, **(env or {}), "PILOT_HOME": str(self.home)}
         self.worker_args = worker_args
+        if blender is not None:
+            self.worker_args = ("--blender", os.fspath(blender), *worker_args)
         self.timeouts = timeouts or Timeouts()
         self.gateway: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []

@@ -15,7 +15,9 @@ in a thread and may call ``ChunkProcess.cancel`` from any other thread.
   back classified in ``ChunkResult.failure``). Frames in ``stored`` are not rendered again.
   The ``ChunkProcess`` owns the Blender process (its own process group) until ``run`` returns;
   ``cancel()`` kills the whole group (SIGTERM, then SIGKILL after ``CANCEL_GRACE_S``) and
-  returns within ``CANCEL_DEADLINE_S``. The frame files belong to the caller.
+  returns within ``CANCEL_DEADLINE_S``. On Linux Blender also dies (SIGKILL) when the thread
+  that called ``run`` exits, so a task process killed mid-chunk leaves no Blender behind. The
+  frame files belong to the caller.
 
 Failures (``FailureKind``) are machine-side (retry on another worker: ``BLENDER_NOT_FOUND``,
 ``KILLED_OR_OOM``, ``NO_FRAME_WRITTEN``, ``CRASHED``) or code-side (rerunning cannot help:
@@ -49,6 +51,7 @@ from worker._blender_failures import (
     classify,
     scene_problem,
 )
+from worker._orphan import kill_with_this_thread
 
 __all__ = [
     "BlenderError",
@@ -220,7 +223,9 @@ class ChunkProcess:
                 f"the render body is too long ({len(config.encode())} bytes with the config, "
                 f"at most {MAX_CONFIG_BYTES}): put the code in a module shipped with the scene"
             )
-        scene = str(self.scene.resolve())  # absolute: a name starting with "-" is not an option
+        # Absolute (a name starting with "-" is not an option), but links not followed: a
+        # shipped scene is a link into the blob cache, and its "//" paths mean its directory.
+        scene = os.path.abspath(self.scene)
         script = ["--python-exit-code", str(SCRIPT_ERROR_EXIT_CODE), "--python", str(DRIVER)]
         return [self.blender.path, "-b", "--factory-startup", scene, *script, "--", config]
 
@@ -262,6 +267,8 @@ class ChunkProcess:
                     bufsize=1,
                     start_new_session=True,  # its own process group, killed as one by cancel()
                     env=env,
+                    # Blender dies with this thread, so with its task process if that is killed.
+                    preexec_fn=kill_with_this_thread(),
                 )
             except OSError as exc:
                 how = f"Blender at {self.blender.path} does not start ({exc}): check --blender"

@@ -118,6 +118,14 @@ class Capture:
             self._read_pipes_locked()
             self._send_locked()
 
+    def send(self, output: Output) -> None:
+        """Send ``output`` now, after every output written before it (any thread): news that
+        must not wait for the next flush, such as a rendered frame for the live preview."""
+        with self.lock:
+            self._read_pipes_locked()
+            self._send_locked()
+            self._emit([output])
+
     def hold(self, result: Any, *, last: bool) -> None:
         """Queue a task's result behind the outputs written so far (read now, under the
         current label). With ``last`` (the batch ends), or once results have waited

@@ -21,6 +21,10 @@ Task kinds (``Assignment.kind``):
 - ``MAP``: args are ``(items, start)``; ``fn(item)`` for each item, with the output label set to
   the item's global index ``start + k`` (and, with datasets, the item's shard of each as keyword
   arguments); the result is the list of values.
+- ``RENDER``: args are the chunk's frames; no function of the user's. Blender renders them
+  (``worker._render_task``), each frame stored and announced as it is saved; the result is the
+  tuple of frames stored. The Blender to use is the worker's (``PILOT_BLENDER_PATH`` and
+  ``PILOT_BLENDER_VERSION``, set by the worker: none when unset).
 
 Functions travel as blobs named by digest (``Assignment.fn_digest``). This process keeps the
 last ``FUNCTION_CACHE`` functions it loaded (unpickled), so a hot loop never unpickles twice;
@@ -66,10 +70,12 @@ from gateway.protocol import (
     send_frames,
 )
 from gateway.protocol import TaskStatus as S
+from worker._blender import BlenderInfo
 from worker._capture import Capture
 from worker._control import Control
 from worker._display import install_display
 from worker._orphan import die_with_parent
+from worker._render_task import render_task
 from worker._taskdata import TaskFiles
 
 FUNCTION_CACHE = 64  # functions kept loaded, by digest
@@ -85,7 +91,14 @@ _HIDDEN = {
 
 
 class _TaskProcess:
-    def __init__(self, url: str, identity: bytes, control: str, files: tuple[Path, int]) -> None:
+    def __init__(
+        self,
+        url: str,
+        identity: bytes,
+        control: str,
+        files: tuple[Path, int],
+        blender: BlenderInfo | None = None,
+    ) -> None:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.ROUTING_ID, identity)
@@ -108,6 +121,7 @@ class _TaskProcess:
         self._fns: OrderedDict[str, Any] = OrderedDict()
         self._inbox: deque[Any] = deque()  # what came while a function was awaited
         self._files = TaskFiles(files[0], files[1], self._put_blob)
+        self._blender = blender  # render tasks: the worker's Blender, or None
         self._seq = 0  # tasks received so far (the worker counts the same way)
         self._running = 0  # the sequence number of the task whose code runs now
 
@@ -208,6 +222,8 @@ class _TaskProcess:
         """Run one task; its outputs stay pending in the capture, read up to its end."""
         self.capture.label = (a.job_id, a.index, -1)
         t0 = time.perf_counter()
+        if a.kind == JobKind.RENDER:
+            return self._render(a, seq, t0)
         try:
             fn = self._function(a.fn_digest)
             args = loads(a.args)
@@ -252,6 +268,23 @@ class _TaskProcess:
             else:
                 value.append(fn(item))
         return value
+
+    def _render(self, a: Any, seq: int, t0: float) -> TaskResult:
+        """A render task: its failures come back as results, a cancel as KeyboardInterrupt."""
+        try:
+            self._running = seq
+            if self._control.cancelled(seq):  # flagged before the handler could see it run
+                raise KeyboardInterrupt
+            with self._task_files(a):
+                return render_task(a, self._blender, capture=self.capture, put=self._put_blob)
+        except KeyboardInterrupt:
+            self._running = 0
+            return self._fail(a, S.CANCELLED, "Interrupted", t0, show_tb=False)
+        except BaseException:
+            self._running = 0
+            return self._fail(a, S.ERROR, "", t0)
+        finally:
+            self._running = 0
 
     def _task_files(self, a: Any) -> contextlib.AbstractContextManager[list[Any]]:
         return self._files.task(a.job_id, a.index, a.data)
@@ -329,7 +362,10 @@ def main(argv: list[str]) -> None:
     url, identity, control = argv[1], argv[2].encode(), argv[3]
     # The worker's disk cache, shared by its task processes (set by the worker: the edge).
     files = (Path(os.environ["PILOT_CACHE_DIR"]), int(os.environ["PILOT_CACHE_BYTES"]))
-    _TaskProcess(url, identity, control, files).serve()
+    blender = None
+    if os.environ.get("PILOT_BLENDER_PATH"):  # the Blender the worker found and probed
+        blender = BlenderInfo(os.environ["PILOT_BLENDER_PATH"], os.environ["PILOT_BLENDER_VERSION"])
+    _TaskProcess(url, identity, control, files, blender).serve()
     os._exit(0)  # daemon threads and inherited fds: leave without ceremony
 
 

@@ -152,7 +152,9 @@ class TaskHolds:
 
     def admit(self, task: Assignment) -> bool:
         """True if ``task`` can run now; else it is held, and released or failed later."""
-        function = None if self._fetcher.has_function(task.fn_digest) else task.fn_digest
+        # A render task runs no function of the user's: its digest is "".
+        digest = task.fn_digest
+        function = None if not digest or self._fetcher.has_function(digest) else digest
         files = missing(task.data, self._files_dir)
         if function is None and not files:
             return True

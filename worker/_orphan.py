@@ -3,7 +3,8 @@
 They run in their own process session (a Ctrl-C at the worker's terminal is the worker's to
 handle), so nothing would stop them if the worker were killed. On Linux the kernel does it:
 ``PR_SET_PDEATHSIG`` sends SIGKILL when the parent dies. Elsewhere, ``parent_gone()`` lets a
-loop notice.
+loop notice. ``kill_with_this_thread()`` does the same for a helper a task process starts
+(Blender, for a render task), as the ``preexec_fn`` of its ``Popen``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable
 
-__all__ = ["die_with_parent", "parent_gone"]
+__all__ = ["die_with_parent", "kill_with_this_thread", "parent_gone"]
 
 _PR_SET_PDEATHSIG = 1
 _parent = os.getppid()
@@ -32,3 +34,20 @@ def die_with_parent() -> None:
 
 def parent_gone() -> bool:
     return os.getppid() != _parent
+
+
+def kill_with_this_thread() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` (None off Linux): the child gets SIGKILL when
+    the thread that starts it exits, so it cannot outlive a task process that is SIGKILLed.
+    The kernel follows the creating *thread*: start the child on a thread that outlives it.
+    libc is loaded here, before the fork; the forked child only calls into it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(127)  # cannot promise to die with the parent, or it is already gone
+
+    return preexec

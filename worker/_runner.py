@@ -243,7 +243,7 @@ class TaskRunner:
             task = child.tasks[seq]
         del child.tasks[seq]
         child.interrupting.discard(seq)
-        if result.status == TaskStatus.OK:
+        if result.status == TaskStatus.OK and task.fn_digest:
             self.durations.add(task.fn_digest, result.duration_s)
         self._holding.pop((task.job_id, task.index), None)
         self._reports.result(result)
@@ -318,8 +318,9 @@ class TaskRunner:
 
     def _batchable(self, a: Assignment) -> bool:
         # A timeout is watched per task from its start, and SIGINT must reach a task with a
-        # deadline at once: those run alone. So do tasks needing more than one slot or a GPU.
-        if a.timeout_s > 0 or a.cpus != 1 or a.gpus or a.kind == JobKind.SESSION:
+        # deadline at once: those run alone. So do tasks needing more than one slot or a GPU,
+        # and render chunks (one Blender process each, never short).
+        if a.timeout_s > 0 or a.cpus != 1 or a.gpus or a.kind in (JobKind.SESSION, JobKind.RENDER):
             return False
         mean = self.durations.get(a.fn_digest)
         return mean is not None and mean < self.policy.short_task_s

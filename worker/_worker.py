@@ -1,7 +1,10 @@
 """The worker: connects out to a gateway, registers, runs what it is assigned, reports back.
 
-``Worker`` is an async context manager. Entering starts the task processes and waits until they
-are ready; ``run()`` then serves until ``stop()`` (SIGTERM) or a fatal refusal. It is built from
+``Worker`` is an async context manager. Entering looks for Blender (``settings.blender``...:
+found, the worker registers its version and the ``blender`` tag and takes render tasks; a
+Blender that was named but does not work is a ``RenderError``), then starts the task processes
+and waits until they are ready; ``run()`` then serves until ``stop()`` (SIGTERM) or a fatal
+refusal. It is built from
 parts that each own their state and get what they use in their constructor:
 
 - ``GatewayLink`` (``worker._link``): the DEALER socket to the gateway, signed, and hello;
@@ -27,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
@@ -48,10 +52,12 @@ from gateway.protocol import (
     WorkerHello,
     WorkerSettings,
 )
+from worker._blender import BlenderError, BlenderInfo, find_blender
 from worker._blobcache import BLOB_CACHE_BYTES, BlobCache
 from worker._devices import cpu_count, detect_gpus, memory_bytes
 from worker._fetch import BlobFetcher
 from worker._link import RECONNECT_MAX_S, GatewayLink
+from worker._render_task import BLENDER_TAG
 from worker._reports import Reports
 from worker._runner import TaskRunner
 from worker._sessions import SessionHost
@@ -80,7 +86,9 @@ class Worker:
         self.gateway_id = ""
         self.gpus = detect_gpus()
         self.cache_dir = settings.cache_dir or Path(tempfile.mkdtemp(prefix="pilot-cache-"))
-        child_env = {
+        self.blender: BlenderInfo | None = None  # found on entering
+        # Completed on entering with the Blender found, before the first task process starts.
+        self._child_env = child_env = {
             **(env if env is not None else os.environ),
             "PILOT_CACHE_DIR": str(self.cache_dir),  # the task processes' shared disk cache
             "PILOT_CACHE_BYTES": str(settings.cache_bytes),
@@ -123,6 +131,14 @@ class Worker:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def __aenter__(self) -> Worker:
+        try:
+            self.blender = await asyncio.to_thread(self._find_blender)  # Blender starts: seconds
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        if self.blender is not None:
+            self._child_env["PILOT_BLENDER_PATH"] = self.blender.path
+            self._child_env["PILOT_BLENDER_VERSION"] = self.blender.version
         await self.tasks.start()
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
@@ -188,16 +204,38 @@ class Worker:
 
     def _hello(self) -> WorkerHello:
         s = self.settings
+        tags = s.tags
+        if self.blender is not None and BLENDER_TAG not in tags:
+            tags = (*tags, BLENDER_TAG)  # render jobs ask for it
         return WorkerHello(
             s.name,
             s.slots,
             cpu_count(),
             memory_bytes(),
             self.gpus,
-            s.tags,
+            tags,
             self.tasks.held(),
             os.getpid(),
+            blender=self.blender.version if self.blender is not None else "",
+            host=socket.gethostname(),
         )
+
+    def _find_blender(self) -> BlenderInfo | None:
+        """The Blender to render with, probed; None without one. Raises ``BlenderError``
+        for one named by --blender or $PILOT_BLENDER that does not work."""
+        s = self.settings
+        if not s.use_blender:
+            log.info("rendering is off on this worker (--no-blender)")
+            return None
+        try:
+            found = find_blender(s.blender or None, s.blender_env or None)
+        except BlenderError as exc:
+            if s.blender or s.blender_env:
+                raise
+            log.info("no Blender here: this worker takes no render jobs (%s)", exc)
+            return None
+        log.info("rendering with Blender %s at %s", found.version, found.path)
+        return found
 
     def _on_gateway(self, msg: Any) -> None:
         match msg:

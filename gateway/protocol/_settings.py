@@ -169,6 +169,12 @@ class WorkerSettings:
     cache_bytes: int = 20 * 10**9
     max_message_bytes: int = 1 << 30
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Blender for render tasks: ``blender`` (--blender) or ``blender_env`` ($PILOT_BLENDER, read
+    # by the CLI) must work when given; else ``blender`` on PATH if there is one. With
+    # ``use_blender`` False (--no-blender) the worker renders nothing.
+    blender: str = ""
+    blender_env: str = ""
+    use_blender: bool = True
 
     def __post_init__(self) -> None:
         if self.slots < 1:
