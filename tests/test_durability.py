@@ -8,61 +8,22 @@ database; the worker is a real ``pilot worker`` process and the client a real ``
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gateway.client import Client
 from gateway.protocol import ConnectionInfo, GatewaySettings, JobError
-from gateway.server import Gateway
-from tests_support import TEST_TIMEOUTS, wait_until
+from tests_support import TEST_TIMEOUTS, ThreadGateway, wait_until
 
 pytestmark = pytest.mark.system
 
 
 def padded(x: int) -> bytes:
     return bytes([x % 256]) * 4000  # results that need new pages in the database
-
-
-class ThreadGateway:
-    """A ``Gateway`` on its own loop in a daemon thread; ``call(fn)`` runs ``fn(gateway)``
-    on that loop and returns its value."""
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self.gateway = Gateway(settings)
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            async with self.gateway as gw:
-                self._ready.set()
-                await gw.serve_forever()
-
-        self.loop.run_until_complete(main())
-
-    def __enter__(self) -> ThreadGateway:
-        self._thread.start()
-        assert self._ready.wait(30), "the gateway did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.gateway.stop)
-        self._thread.join(30)
-
-    def call(self, fn: Callable[[Gateway], Any]) -> Any:
-        async def go() -> Any:
-            return fn(self.gateway)
-
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
 
 
 @pytest.fixture

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from gateway.protocol import Timeouts
+from gateway.protocol import GatewaySettings, Timeouts
+from gateway.server import Gateway
 
 # Fast failure detection in tests: a lost worker is noticed within 2 s.
 TEST_TIMEOUTS = Timeouts(heartbeat_interval_s=0.25, heartbeat_timeout_s=2.0, orphan_grace_s=2.0)
@@ -123,3 +127,38 @@ def pilot_up(env: dict[str, str], workers: int = 2) -> Iterator[dict[str, str]]:
         except subprocess.TimeoutExpired:
             up.kill()
             up.wait(10)
+
+
+class ThreadGateway:
+    """A ``Gateway`` on its own loop in a daemon thread; ``call(fn)`` runs ``fn(gateway)``
+    on that loop and returns its value."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.gateway = Gateway(settings)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            async with self.gateway as gw:
+                self._ready.set()
+                await gw.serve_forever()
+
+        self.loop.run_until_complete(main())
+
+    def __enter__(self) -> ThreadGateway:
+        self._thread.start()
+        assert self._ready.wait(30), "the gateway did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.gateway.stop)
+        self._thread.join(30)
+
+    def call(self, fn: Callable[[Gateway], Any]) -> Any:
+        async def go() -> Any:
+            return fn(self.gateway)
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)

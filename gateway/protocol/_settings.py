@@ -51,6 +51,9 @@ class Timeouts:
 
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0  # a peer silent this long is lost
+    # a worker whose connection dropped and that stays silent this long is lost (more than a
+    # heartbeat interval, so a live worker speaks first)
+    disconnect_grace_s: float = 1.5
     request_s: float = 10.0  # a client request (status, submit ack) without an answer
     cancel_grace_s: float = 1.0  # SIGINT, then SIGKILL after this long
     orphan_grace_s: float = 5.0  # after a gateway restart: wait this long for workers to return

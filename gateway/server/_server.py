@@ -31,6 +31,7 @@ from collections import defaultdict
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from gateway.protocol import (
     FROM_CLIENT,
@@ -135,6 +136,7 @@ class Gateway:
             self._send_worker_ident,
             self.clients.blob,
             self.clients.answer_status_waiters,
+            self.counters,
         )
         self._clients_sock = self._bind(s.client_port)
         self._workers_sock = self._bind(s.worker_port, handover=True)
@@ -154,9 +156,11 @@ class Gateway:
             self.connection.save(s.connection_file)
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
+        self._monitor = self._workers_sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._drains = [
             Drain(self._clients_sock, self._from_client, self._end_turn),
             Drain(self._workers_sock, self._from_worker, self._end_turn),
+            Drain(self._monitor, self._from_monitor, self._end_turn),
         ]
         self._group.create_task(self._ticker())
         # The gateway holds many long-lived records (every live job and task) and makes few
@@ -183,7 +187,8 @@ class Gateway:
             self._http.stop()
         self.store.close()
         self._remove_connection_file()
-        for sock in (self._clients_sock, self._workers_sock):
+        self._workers_sock.disable_monitor()
+        for sock in (self._monitor, self._clients_sock, self._workers_sock):
             sock.close(linger=0)
         self._ctx.term()
 
@@ -263,7 +268,17 @@ class Gateway:
         self._receive(frames, self._client_codec, self.clients.handle, self._send_client)
 
     def _from_worker(self, frames: list[zmq.Frame]) -> None:
+        # The connection (its descriptor) each worker speaks on, for the socket monitor.
+        self.workers.connections[frames[0].get(zmq.SRCFD)] = frames[0].bytes
         self._receive(frames, self._worker_codec, self.workers.handle, self._send_worker_ident)
+
+    def _from_monitor(self, frames: list[zmq.Frame]) -> None:
+        """The worker socket's monitor: a connection dropped (its process died, and the kernel
+        closed its socket): its worker's tasks go back at once, not at the heartbeat deadline.
+        (ZeroMQ's ROUTER_NOTIFY would name the peer, but it is a draft API in libzmq 4.3.)"""
+        event = parse_monitor_message([f.bytes for f in frames])
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            self.workers.disconnected(int(event["value"]))
 
     def _receive(self, frames: list[zmq.Frame], codec: Codec, handle: Any, reply: Any) -> None:
         ident = frames[0].bytes
@@ -293,6 +308,7 @@ class Gateway:
             now = time.monotonic()
             self.executor.handle(sch.Tick(now))
             self.clients.expire_leases(now)
+            self.workers.expire_disconnected(now)
             self.clients.answer_status_waiters()
             self._end_turn(acks=True)
 

@@ -62,6 +62,7 @@ class WorkerHandler:
         send_now: Callable[[bytes, Any], None],
         blob: Callable[[str, PutBlob | GetBlob], BlobReply],
         joined: Callable[[], None],
+        counters: dict[str, int],
     ) -> None:
         self._settings = settings
         self._gateway_id = gateway_id
@@ -72,6 +73,9 @@ class WorkerHandler:
         self._send_now = send_now
         self._blob = blob
         self._joined = joined
+        self._counters = counters
+        self._dropped: dict[str, float] = {}  # worker -> when its connection dropped
+        self.connections: dict[int, bytes] = {}  # descriptor -> the worker last heard on it
         self._started_at: dict[tuple[str, int, int], float] = {}  # until the attempt ends
 
     def handle(self, ident: bytes, msg_id: str, msg: Any) -> None:
@@ -80,6 +84,8 @@ class WorkerHandler:
             self._hello(ident, msg, now)
             return
         name = ident.decode(errors="replace")
+        if self._dropped:
+            self._dropped.pop(name, None)  # it speaks: it was only reconnecting
         w = self._registry.workers.get(name)
         if w is None or w.ident != ident:
             # Not registered (we restarted, or declared it lost): it must say hello again.
@@ -133,6 +139,32 @@ class WorkerHandler:
                 else:
                     log.info("worker %s is draining", name)
 
+    def disconnected(self, fd: int) -> None:
+        """The connection on descriptor ``fd`` dropped (the socket monitor). Its worker is lost
+        unless it speaks again within ``Timeouts.disconnect_grace_s`` (more than a heartbeat
+        interval): a worker that is only reconnecting says hello on its new connection at once,
+        and a new connection that reused the descriptor speaks too (``expire_disconnected``)."""
+        ident = self.connections.pop(fd, None)
+        if ident is None:
+            return
+        name = ident.decode(errors="replace")
+        w = self._registry.workers.get(name)
+        if w is not None and w.ident == ident:
+            self._dropped[name] = time.monotonic()
+
+    def expire_disconnected(self, now: float) -> None:
+        """Called every tick: workers whose connection dropped and who stayed silent are lost
+        now (their tasks go back to the queue), long before the heartbeat deadline."""
+        grace = self._settings.timeouts.disconnect_grace_s
+        for name, since in list(self._dropped.items()):
+            if now - since < grace:
+                continue
+            del self._dropped[name]
+            if name in self._registry.workers:
+                self._counters["workers_disconnected"] += 1
+                log.warning("worker %s disconnected; its tasks go back to the queue", name)
+                self._executor.handle(sch.WorkerLeft(name, now, TaskStatus.LOST))
+
     def _started(self, name: str, attempts: tuple[TaskAttempt, ...], now: float) -> None:
         wall = time.time()
         for a in attempts:
@@ -141,6 +173,7 @@ class WorkerHandler:
 
     def _hello(self, ident: bytes, hello: WorkerHello, now: float) -> None:
         name = ident.decode(errors="replace")
+        self._dropped.pop(name, None)
         if hello.name != name:
             self._send_now(
                 ident, Refused("the worker's socket identity must be its name", retry=False)
