@@ -249,8 +249,8 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  state            {home / 'state'}")
         if info.http_url:
             print(f"  dashboard        {info.http_url}")
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: terminal closed
+            signal.signal(sig, on_signal)
         print("Press Ctrl-C to stop.", flush=True)
         while not stop:
             signal.pause()

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from gateway.client import Client
 from gateway.protocol import ConnectionInfo, PilotError, PilotTimeout, Timeouts
+from worker import kill_with_this_thread
 
 __all__ = ["LocalCluster"]
 
@@ -112,7 +113,9 @@ class LocalCluster:
         ]
         if not self.http:
             cmd += ["--http-port", "none"]
-        self.gateway = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=self.env)
+        self.gateway = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, env=self.env, preexec_fn=_ends_with_us()
+        )
         assert self.gateway.stdout is not None
         line = _read_line(self.gateway.stdout, GATEWAY_READY_TIMEOUT_S)
         if not line.startswith(b"READY "):
@@ -139,7 +142,7 @@ class LocalCluster:
             *self.worker_args,
             *extra,
         ]
-        proc = subprocess.Popen(cmd, env=self.env)
+        proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_ends_with_us())
         self.workers.append(proc)
         return proc
 
@@ -196,6 +199,13 @@ class LocalCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _ends_with_us() -> Any:
+    """The gateway and workers of a local cluster get SIGTERM (and stop cleanly: workers hand
+    back or finish their tasks) if the process that started them dies, even by SIGKILL: a
+    closed terminal or a killed `pilot up` leaves nothing running."""
+    return kill_with_this_thread(signal.SIGTERM)
 
 
 def _wait_all(procs: list[Any], timeout: float) -> None:

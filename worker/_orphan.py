@@ -36,9 +36,10 @@ def parent_gone() -> bool:
     return os.getppid() != _parent
 
 
-def kill_with_this_thread() -> Callable[[], None] | None:
-    """A ``preexec_fn`` for ``subprocess.Popen`` (None off Linux): the child gets SIGKILL when
-    the thread that starts it exits, so it cannot outlive a task process that is SIGKILLed.
+def kill_with_this_thread(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen`` (None off Linux): the child gets ``sig``
+    (SIGKILL; ``pilot up`` asks SIGTERM for its gateway and workers, so they stop cleanly) when
+    the thread that starts it exits, so it cannot outlive a parent that is SIGKILLed.
     The kernel follows the creating *thread*: start the child on a thread that outlives it.
     libc is loaded here, before the fork; the forked child only calls into it."""
     if not sys.platform.startswith("linux"):
@@ -47,7 +48,7 @@ def kill_with_this_thread() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0 or os.getppid() != parent:
             os._exit(127)  # cannot promise to die with the parent, or it is already gone
 
     return preexec
