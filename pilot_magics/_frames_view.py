@@ -2,9 +2,10 @@
 
 Runs on the kernel's main thread, fed by ``RenderRun.follow()`` until the job ends:
 
-- one progress line counted in frames (not chunks), with the time so far and an ETA (the time
-  per frame so far times the frames left; it includes Blender's start-up, so it errs long),
-  updated in place at most 5 times a second;
+- one progress line counted in frames (not chunks), with the time so far and, from the second
+  frame on, an ETA: the frames left at the rate the frames came since the first one (the wait
+  for the scene to travel and the first Blenders to start is not a rate), updated in place at
+  most 5 times a second;
 - under it, the latest frame's thumbnail as a live preview (image/png), updated in place;
 - Blender's lines labelled by their chunk (``[frames 11-20] ``; none with ``quiet``), the
   gateway's notes as they come, and a failed chunk's error, labelled; the cell then ends in
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from IPython.display import HTML, display
+from IPython.display import display
 
 from gateway.client import Job, filmstrip
 from gateway.protocol import FrameDone, JobUpdate, Output, OutputKind, TaskDone, TaskStatus
@@ -78,7 +79,7 @@ class RenderRun:
         self.quiet = quiet
         self.rich = rich
         self._chunks = [frames[i : i + job.chunk] for i in range(0, len(frames), job.chunk)]
-        self._streams = LabelledStreams(self._label)
+        self._streams = LabelledStreams(self._label, skip_blank=True)
         self._progress = LiveDisplay(rich)
         self._preview = LiveDisplay(rich)
         self._latest: FrameDone | None = None
@@ -86,6 +87,7 @@ class RenderRun:
         self._dirty = True
         self._failed = 0
         self._start = time.monotonic()
+        self._first_at: float | None = None  # when the first frame was counted
 
     def _label(self, index: int) -> str:
         if 0 <= index < len(self._chunks) and self._chunks[index]:
@@ -152,10 +154,13 @@ class RenderRun:
     def progress(self, note: str = "") -> str:
         """One line: frames done of all, time so far, the ETA (and ``note``)."""
         done, total = self.done_frames(), len(self.frames)
-        elapsed = time.monotonic() - self._start
-        parts = [f"{done}/{total} frames", _duration(elapsed)]
-        if 0 < done < total and not self.job.done():
-            parts.append(f"ETA {_duration(elapsed / done * (total - done))}")
+        now = time.monotonic()
+        if done and self._first_at is None:
+            self._first_at = now
+        parts = [f"{done}/{total} frames", _duration(now - self._start)]
+        since_first = now - (self._first_at or now)
+        if 1 < done < total and since_first > 0 and not self.job.done():
+            parts.append(f"ETA {_duration(since_first / (done - 1) * (total - done))}")
         if self._failed:
             parts.append(f"{self._failed} chunks failed")
         if note:
@@ -220,15 +225,14 @@ class RenderRun:
         if video:
             path = self.job.video
             size = path.stat().st_size
-            print(f"video: {path} ({size / 1e6:.1f} MB)")
+            print(f"video: {path} ({size / 1e6:.2f} MB)")
             if self.rich and size <= VIDEO_EMBED_MAX_BYTES:
                 data = base64.b64encode(path.read_bytes()).decode("ascii")
-                display(
-                    HTML(
-                        '<video controls loop style="max-width:100%" '
-                        f'src="data:video/mp4;base64,{data}"></video>'
-                    )
+                tag = (
+                    '<video controls loop style="max-width:100%" '
+                    f'src="data:video/mp4;base64,{data}"></video>'
                 )
+                display({"text/html": tag, "text/plain": f"video {path}"}, raw=True)
 
     def _filmstrip(self, done: dict[int, FrameDone]) -> None:
         thumbs = [done[f].thumbnail for f in sorted(done) if done[f].thumbnail]

@@ -34,11 +34,15 @@ REDRAW_EVERY_S = 0.2  # a live display changes at most 5 times a second
 class LabelledStreams:
     """Lines of remote streams, labelled by ``label(key)`` (key: an item, a rank, a chunk).
     With ``keep_labels``, a line that starts with its label already (a worker that labels
-    what it streams, as training ranks' are for ``pilot logs``) is not labelled twice."""
+    what it streams, as training ranks' are for ``pilot logs``) is not labelled twice; with
+    ``skip_blank``, blank lines are left out (Blender's, between its frames)."""
 
-    def __init__(self, label: Callable[[int], str], *, keep_labels: bool = False) -> None:
+    def __init__(
+        self, label: Callable[[int], str], *, keep_labels: bool = False, skip_blank: bool = False
+    ) -> None:
         self.label = label
         self.keep_labels = keep_labels
+        self.skip_blank = skip_blank
         self._partial: dict[tuple[int, OutputKind], str] = {}
 
     def write(self, key: int, kind: OutputKind, text: str) -> None:
@@ -58,6 +62,8 @@ class LabelledStreams:
         self._partial.clear()
 
     def _labelled(self, label: str, line: str) -> str:
+        if self.skip_blank and not line.strip():
+            return ""
         if self.keep_labels and line.startswith(label):
             return f"{line}\n"
         return f"{label}{line}\n"

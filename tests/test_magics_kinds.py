@@ -199,7 +199,7 @@ for step in range(5):
 
 RUNTIME_XFAIL = pytest.mark.xfail(
     strict=False,
-    reason="needs the worker-side runtime of this kind (issues 9 and 10), built in parallel",
+    reason="needs the worker-side training runtime (issue 9), built in parallel",
 )
 
 
@@ -249,7 +249,6 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@RUNTIME_XFAIL
 def test_render_cell_shows_frames_a_live_preview_filmstrip_and_video(
     kernel: KernelDriver, scene: Path, tmp_path: Path
 ) -> None:
