@@ -20,8 +20,9 @@ import pytest
 from blender_scenes import make_animated_scene
 
 import pilot
+from gateway.protocol import Status
 from pilot_magics._metrics import PLOT_POINTS, MetricsBoard
-from tests_support import TEST_TIMEOUTS, Execution, KernelDriver
+from tests_support import TEST_TIMEOUTS, Execution, KernelDriver, wait_until
 
 BLENDER = shutil.which("blender")
 RUN_TIMEOUT_S = 240.0  # a cell on a loaded 2-core machine: two ranks importing torch, Blender
@@ -282,3 +283,52 @@ def test_render_cell_shows_frames_a_live_preview_filmstrip_and_video(
     assert progress[-1]["text/plain"].startswith("2/2 frames")
     again = value(kernel, "again")
     assert isinstance(again, list) and len(again) == 6 and all(os.path.isfile(f) for f in again)
+
+
+def interrupt_when(kernel: KernelDriver, code: str, seen) -> Execution:
+    """Run ``code``, interrupt the kernel at the first IOPub message ``seen(msg)`` accepts,
+    and return the execution."""
+    msg_id = kernel.kc.execute(code)
+    while True:
+        msg = kernel.kc.get_iopub_msg(timeout=RUN_TIMEOUT_S)
+        if msg["parent_header"].get("msg_id") == msg_id and seen(msg):
+            break
+    kernel.km.interrupt_kernel()
+    return kernel.collect(msg_id, timeout=30)
+
+
+def last_job_state(cluster: pilot.LocalCluster) -> Status:
+    client = cluster.client()
+    wait_until(lambda: client.jobs(1)[0].state.finished, timeout=10, what="the job ended")
+    return client.jobs(1)[0].state
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_interrupt_cancels_a_render(
+    kernel: KernelDriver, cluster: pilot.LocalCluster, scene: Path
+) -> None:
+    def a_frame_arrived(msg: dict) -> bool:
+        return msg["msg_type"] == "update_display_data" and "image/png" in msg["content"]["data"]
+
+    line = f"--render {scene} --frames 1-48 --chunk 24 --samples 64"
+    ex = interrupt_when(kernel, f"%distribute {line}", a_frame_arrived)
+    assert ex.status == "error" and ex.reply["content"]["ename"] == "KeyboardInterrupt"
+    assert last_job_state(cluster) == Status.CANCELLED
+    assert kernel.run("1 + 1").status == "ok", "the kernel is usable again"
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@RUNTIME_XFAIL
+def test_interrupt_cancels_a_training(kernel: KernelDriver, cluster: pilot.LocalCluster) -> None:
+    def a_rank_printed(msg: dict) -> bool:
+        return msg["msg_type"] == "stream" and "[rank " in msg["content"]["text"]
+
+    cell = "%%distribute --ddp 2\nimport time\nprint('training', flush=True)\ntime.sleep(600)"
+    ex = interrupt_when(kernel, cell, a_rank_printed)
+    assert ex.status == "error" and ex.reply["content"]["ename"] == "KeyboardInterrupt"
+    assert last_job_state(cluster) == Status.CANCELLED
+    assert kernel.run("1 + 1").status == "ok", "the kernel is usable again"
