@@ -27,7 +27,7 @@ from gateway.protocol import (
 )
 from gateway.server import _scheduler as sch
 from gateway.server._outbox import Outbox
-from gateway.server._registry import Registry
+from gateway.server._registry import ARGS_BATCH, Registry
 from gateway.server._state import StateStore
 
 __all__ = ["Executor"]
@@ -151,8 +151,11 @@ class Executor:
         job = self._registry.jobs[job_id]
         spec = job.spec
         args = job.args.get(index)
-        if args is None:
-            args = job.args[index] = self._store.task_args(job_id, index)
+        if args is None:  # past the arguments kept in memory: read a batch from the store
+            job.args.update(self._store.task_args_from(job_id, index, ARGS_BATCH))
+            args = job.args.get(index)
+            if args is None:
+                args = job.args[index] = self._store.task_args(job_id, index)
         res = spec.resources
         task = Assignment(
             job_id,

@@ -13,13 +13,19 @@ from dataclasses import dataclass, field
 
 from gateway.protocol import FileRef, JobSpec, Output, OutputKind, Payload, WorkerHello
 
-__all__ = ["JobRecord", "Registry", "WorkerRecord"]
+__all__ = ["ARGS_BATCH", "ARGS_KEPT", "JobRecord", "Registry", "WorkerRecord"]
+
+# A job keeps the arguments of its first ARGS_KEPT tasks in memory (once they are on disk); the
+# others are read from the store ARGS_BATCH at a time as their tasks are assigned: a million
+# queued tasks cost the gateway their scheduling records, not their payloads.
+ARGS_KEPT = 4096
+ARGS_BATCH = 1024
 
 
 @dataclass(slots=True, eq=False)
 class JobRecord:
     spec: JobSpec
-    args: dict[int, Payload]  # unsettled tasks' arguments, loaded lazily after a restart
+    args: dict[int, Payload]  # unsettled tasks' arguments in memory (see ARGS_KEPT)
     subscribers: set[bytes]
     created: float
     owner: bytes | None = None  # the submitting client
@@ -56,10 +62,22 @@ class Registry:
     workers: dict[str, WorkerRecord] = field(default_factory=dict)
     created: dict[str, float] = field(default_factory=dict)  # job id -> wall time, live jobs
     leased: set[str] = field(default_factory=set)  # live jobs with a lease (remote sessions)
+    unstored: list[str] = field(default_factory=list)  # jobs whose arguments await a commit
+
+    def trim_stored(self) -> None:
+        """After a commit: jobs submitted before it keep only ARGS_KEPT arguments in memory
+        (the rest are on disk now)."""
+        for job_id in self.unstored:
+            job = self.jobs.get(job_id)
+            if job is not None and len(job.args) > ARGS_KEPT:
+                job.args = {i: a for i, a in job.args.items() if i < ARGS_KEPT}
+        self.unstored.clear()
 
     def add(self, job: JobRecord) -> None:
         self.jobs[job.spec.job_id] = job
         self.created[job.spec.job_id] = job.created
+        if len(job.args) > ARGS_KEPT:
+            self.unstored.append(job.spec.job_id)
         if job.spec.lease:
             self.leased.add(job.spec.job_id)
 

@@ -30,7 +30,7 @@ class _Task:
     worker: str = ""
     started_at: float | None = None
     failures: int = 0
-    failed_on: set[str] = field(default_factory=set)
+    failed_on: tuple[str, ...] = ()  # workers it failed on (a tuple: no set per queued task)
     orphan_deadline: float = 0.0
 
 

@@ -366,7 +366,8 @@ class Scheduler:
         if w is not None and w.out.get((job.job_id, t.index)) is t:
             self._release(job, t, w)
         t.failures += 1
-        t.failed_on.add(worker)
+        if worker not in t.failed_on:
+            t.failed_on = (*t.failed_on, worker)
         job.bad_workers[worker] = job.bad_workers.get(worker, 0) + 1
         retried = status.machine_side or (status == TaskStatus.ERROR and job.retry_errors)
         if status in _NEVER_RETRIED or not retried or t.failures > job.retries:

@@ -316,6 +316,8 @@ class Gateway:
         durable = self.store.flush()
         if not durable:
             self.counters["commit_failures"] += 1
+        elif self.registry.unstored:
+            self.registry.trim_stored()
         self.outbox.send(durable=durable, acks=acks)
         for drain in self._drains:  # sending may have swallowed a read edge
             drain.kick()

@@ -274,6 +274,15 @@ class StateStore:
             raise KeyError(f"no arguments stored for task {job_id}[{index}]")
         return self._payload_from(*row)
 
+    def task_args_from(self, job_id: str, start: int, count: int) -> dict[int, Payload]:
+        """The stored arguments of the unsettled tasks ``start`` to ``start + count - 1``."""
+        rows = self._db.execute(
+            "SELECT idx, args, args_ref FROM tasks WHERE job_id=? AND idx>=? AND idx<? "
+            "AND status IS NULL",
+            (job_id, start, start + count),
+        )
+        return {i: self._payload_from(raw, ref) for i, raw, ref in rows if raw or ref}
+
     def job_spec(self, job_id: str) -> tuple[JobSpec, Status, str] | None:
         row = self._db.execute(
             "SELECT spec, state, error FROM jobs WHERE id=?", (job_id,)
