@@ -9,6 +9,8 @@ The one name a user remembers::
 
     with pilot.LocalCluster(workers=2) as cluster:
         client = cluster.client()
+
+    pilot.SlurmWorkers(partition="gpu", gpus=1, cpus=8).scale(4)   # workers as Slurm jobs
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from gateway.protocol import (
     find_connection,
 )
 from pilot._cluster import LocalCluster
+from pilot._slurm import SlurmWorkers
 
 __all__ = [
     "Client",
@@ -48,6 +51,7 @@ __all__ = [
     "PilotError",
     "PilotTimeout",
     "SerializationError",
+    "SlurmWorkers",
     "TaskError",
     "Unschedulable",
     "connect",

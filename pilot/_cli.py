@@ -30,6 +30,7 @@ from gateway.protocol import (
     find_connection,
     new_key,
 )
+from pilot._scale_cli import add_scale_parser
 
 STATES = {s.value: s.name.lower() for s in Status}
 
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("job")
     logs.add_argument("task", nargs="?", type=int, default=-1)
     logs.set_defaults(run=_logs)
+
+    add_scale_parser(sub)
 
     kernel = sub.add_parser("kernel", help="install the Parallel Pilot Jupyter kernel")
     ksub = kernel.add_subparsers(required=True, metavar="ACTION")
@@ -215,6 +218,8 @@ def _worker(args: argparse.Namespace) -> int:
         blender=args.blender or "",
         blender_env=os.environ.get("PILOT_BLENDER", ""),
         use_blender=not args.no_blender,
+        # a worker in a Slurm job says which (the script `pilot scale slurm` writes sets it)
+        slurm_job_id=os.environ.get("PILOT_SLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID", ""),
     )
 
     async def serve() -> None:
@@ -288,7 +293,11 @@ def _status(args: argparse.Namespace) -> int:
         for w in reply.workers:
             gpus = f", {len(w.gpus)} GPUs" if w.gpus else ""
             tags = f", tags {','.join(w.tags)}" if w.tags else ""
-            print(f"  {w.name}: {w.running}/{w.slots} slots busy{gpus}{tags}, {w.tasks_done} done")
+            slurm = f", Slurm job {w.slurm_job_id}" if w.slurm_job_id else ""
+            print(
+                f"  {w.name}: {w.running}/{w.slots} slots busy{gpus}{tags}, {w.tasks_done} "
+                f"done{slurm}"
+            )
         for j in reply.jobs:
             print(f"  job {j.job_id} {j.name}: {STATES[j.state]} {j.done}/{j.n_tasks}")
     if args.wait_workers and len(reply.workers) < args.wait_workers:

@@ -218,6 +218,7 @@ class Worker:
             os.getpid(),
             blender=self.blender.version if self.blender is not None else "",
             host=socket.gethostname(),
+            slurm_job_id=s.slurm_job_id,
         )
 
     def _find_blender(self) -> BlenderInfo | None:

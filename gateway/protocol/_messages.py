@@ -414,6 +414,7 @@ class WorkerInfo:
     running: int
     connected_s: float
     tasks_done: int = 0
+    slurm_job_id: str = ""  # the Slurm job it runs in ("": none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +428,8 @@ class JobInfo:
     created: float
     finished: float = 0.0
     error: str = ""
+    queued: int = 0  # tasks waiting in the gateway's queue (live jobs; for adaptive scaling)
+    resources: Resources = Resources()  # what each task needs
 
 
 # -- messages -------------------------------------------------------------------------------
@@ -450,6 +453,7 @@ class WorkerHello:
     pid: int = 0
     blender: str = ""  # the Blender version it renders with ("": none)
     host: str = ""  # the host's name, for the status page
+    slurm_job_id: str = ""  # the Slurm job it runs in ("": none), from $PILOT_SLURM_JOB_ID
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,6 +178,7 @@ class WorkerSettings:
     blender: str = ""
     blender_env: str = ""
     use_blender: bool = True
+    slurm_job_id: str = ""  # the Slurm job it runs in: $PILOT_SLURM_JOB_ID, $SLURM_JOB_ID
 
     def __post_init__(self) -> None:
         if self.slots < 1:

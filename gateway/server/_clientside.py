@@ -232,6 +232,7 @@ class ClientHandler:
                 self._scheduler.running_on(w.hello.name),
                 now - w.since,
                 w.done,
+                w.hello.slurm_job_id,
             )
             for w in self._registry.workers.values()
         )
@@ -239,7 +240,17 @@ class ClientHandler:
         for job_id, j in self._registry.jobs.items():
             state, done, failed = self._scheduler.job_progress(job_id)
             jobs.append(
-                JobInfo(job_id, j.spec.name, state, j.spec.n_tasks, done, failed, j.created)
+                JobInfo(
+                    job_id,
+                    j.spec.name,
+                    state,
+                    j.spec.n_tasks,
+                    done,
+                    failed,
+                    j.created,
+                    queued=self._scheduler.job_queued(job_id),
+                    resources=j.spec.resources,
+                )
             )
         counters = dict(self._counters)
         for side, codec in self._codecs().items():

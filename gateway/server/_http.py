@@ -28,8 +28,10 @@ const STATES=["queued","running","done","failed","cancelled"];
 function table(el, head, rows){el.innerHTML="<tr>"+head.map(h=>"<th>"+h+"</th>").join("")+"</tr>"+
  rows.map(r=>"<tr>"+r.map(c=>"<td>"+c+"</td>").join("")+"</tr>").join("");}
 async function refresh(){const s=await (await fetch("api/status")).json();
- table(document.getElementById("workers"),["name","slots","GPUs","tags","running","done"],
-  s.workers.map(w=>[w.name,w.slots,w.gpus.length,w.tags.join(","),w.running,w.tasks_done]));
+ table(document.getElementById("workers"),
+  ["name","slots","GPUs","tags","running","done","Slurm job"],
+  s.workers.map(w=>[w.name,w.slots,w.gpus.length,w.tags.join(","),w.running,w.tasks_done,
+   w.slurm_job_id||""]));
  table(document.getElementById("jobs"),["job","name","state","done","failed","tasks"],
   s.jobs.map(j=>[j.job_id,j.name,STATES[j.state],j.done,j.failed,j.n_tasks]));}
 refresh();setInterval(refresh,1000);

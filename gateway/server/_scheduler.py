@@ -162,6 +162,12 @@ class Scheduler:
             return Status.QUEUED, 0, 0
         return job.state, job.done, job.failed
 
+    def job_queued(self, job_id: str) -> int:
+        """A live job's tasks waiting to be placed (not out on a worker, not settled); 0 for an
+        unknown one. Counts task states (a gang's ranks wait outside ``queue``)."""
+        job = self.jobs.get(job_id)
+        return 0 if job is None else sum(1 for t in job.tasks if t.state is _T.QUEUED)
+
     def workers_of(self, job_id: str) -> list[str]:
         """The workers a job's tasks are out on, each once (a gang's group)."""
         job = self.jobs.get(job_id)
