@@ -11,9 +11,9 @@ Runs on the kernel's main thread, fed by ``TrainRun.follow()`` until the job end
   the ``MetricsBoard`` table of each rank's latest ``pt.report(...)`` and, once reports carry
   ``step`` and ``loss``, the loss plot beside it. A terminal IPython gets the status line
   rewritten in place and the table at the end.
-- a rank that failed prints its remote traceback, labelled; the cell then ends in
-  ``RemoteCellError`` for the first failed rank (see ``error``). Kernel → Interrupt cancels
-  the job (every rank stops) and re-raises ``KeyboardInterrupt``.
+- a rank that failed is named with its error's last line (the rank printed its traceback);
+  the cell then ends in ``RemoteCellError`` for the first failed rank (see ``error``).
+  Kernel → Interrupt cancels the job (every rank stops) and re-raises ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class TrainRun:
         self._display = LiveDisplay(rich)
         self._dirty = True
         self._failed = 0
+        self._running = False  # a rank has sent something
         self._start = time.monotonic()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -86,6 +87,8 @@ class TrainRun:
             print("\n" + self.board.table_text())
 
     def _on_event(self, ev: Any) -> bool:
+        if isinstance(ev, Output) and ev.index >= 0:
+            self._running = True
         match ev:
             case Output(kind=OutputKind.METRICS):
                 self.board.add(ev.data)
@@ -101,10 +104,14 @@ class TrainRun:
                 else:
                     show_display(ev)
             case TaskDone() if ev.status not in (TaskStatus.OK, TaskStatus.CANCELLED):
+                # The headline only: the rank printed its traceback (shown unless filtered
+                # out), and the cell's error shows the first failed rank's.
                 self._streams.flush()
                 self._failed += 1
-                where = f"[rank {ev.index}]"
-                sys.stderr.write(f"{where} failed on {ev.worker or 'a worker'}:\n{ev.error}\n")
+                lines = ev.error.strip().splitlines()
+                headline = lines[-1] if lines else ev.status.name.lower()
+                where = f"[rank {ev.index}] failed on {ev.worker or 'a worker'}"
+                sys.stderr.write(f"{where}: {headline}\n")
             case JobUpdate() if self.job.done():
                 return True
         return False
@@ -124,11 +131,10 @@ class TrainRun:
 
     def status(self, note: str = "") -> str:
         """One line: ranks, state, time, restarts, checkpoints (and ``note``)."""
-        parts = [
-            f"{self.ranks} ranks",
-            self.job.state.name.lower(),
-            f"{time.monotonic() - self._start:.1f}s",
-        ]
+        state = self.job.state
+        # A job's state arrives when it ends; a rank's output says it runs before that.
+        word = "running" if self._running and not state.finished else state.name.lower()
+        parts = [f"{self.ranks} ranks", word, f"{time.monotonic() - self._start:.1f}s"]
         if self.board.reports:
             parts.append(f"{self.board.reports} reports")
         if self.board.restarts:
@@ -183,10 +189,14 @@ class TrainRun:
 
     def summary(self) -> str:
         done = [d for d in self.job.tasks.values() if d.status == TaskStatus.OK]
-        workers = {d.worker for d in done if d.worker}
+        workers = {d.worker for d in self.job.tasks.values() if d.worker}
         wall = (self.job.finished_at or time.monotonic()) - self._start
-        text = f"{len(done)} ranks on {len(workers)} workers in {wall:.2f}s"
+        ranks = f"{len(done) or self.ranks} ranks"
+        if self._failed:
+            ranks += f" ({self._failed} failed)"
+        text = f"{ranks} on {len(workers)} workers in {wall:.2f}s"
         text += f" · {self.board.reports} reports"
         if self.board.restarts:
-            text += f" · {self.board.restarts} restarts"
+            n = self.board.restarts
+            text += f" · {n} restart{'s' if n > 1 else ''}"
         return text

@@ -312,11 +312,13 @@ def test_interrupt_cancels_a_render(
     def a_frame_arrived(msg: dict) -> bool:
         return msg["msg_type"] == "update_display_data" and "image/png" in msg["content"]["data"]
 
-    line = f"--render {scene} --frames 1-48 --chunk 24 --samples 64"
-    ex = interrupt_when(kernel, f"%distribute {line}", a_frame_arrived)
+    slow = "import time\nbpy.app.handlers.frame_change_pre.append(lambda *_: time.sleep(0.5))"
+    line = f"--render {scene} --frames 1-48 --chunk 24"  # 12 s a chunk: interrupted sooner
+    ex = interrupt_when(kernel, f"%%distribute {line}\n{slow}", a_frame_arrived)
     assert ex.status == "error" and ex.reply["content"]["ename"] == "KeyboardInterrupt"
     assert last_job_state(cluster) == Status.CANCELLED
-    assert kernel.run("1 + 1").status == "ok", "the kernel is usable again"
+    after = kernel.run("1 + 1")
+    assert after.status == "ok", ("the kernel is usable again", after.reply["content"])
 
 
 @pytest.mark.system
@@ -331,4 +333,5 @@ def test_interrupt_cancels_a_training(kernel: KernelDriver, cluster: pilot.Local
     ex = interrupt_when(kernel, cell, a_rank_printed)
     assert ex.status == "error" and ex.reply["content"]["ename"] == "KeyboardInterrupt"
     assert last_job_state(cluster) == Status.CANCELLED
-    assert kernel.run("1 + 1").status == "ok", "the kernel is usable again"
+    after = kernel.run("1 + 1")
+    assert after.status == "ok", ("the kernel is usable again", after.reply["content"])
