@@ -215,7 +215,10 @@ class RenderRun:
         for frame, done in sorted(record.done.items()):
             versions.setdefault(done.blender or "unknown", []).append(frame)
         if len(record.blender_versions()) > 1:
-            which = "; ".join(f"{v}: {len(fs)} frames" for v, fs in sorted(versions.items()))
+            which = "; ".join(
+                f"{v}: {len(fs)} frame{'s' if len(fs) > 1 else ''}"
+                for v, fs in sorted(versions.items())
+            )
             sys.stderr.write(
                 f"Warning: the frames were rendered by different Blender versions ({which}); "
                 "they may not match. Tag the workers of one version and pass --tags.\n"

@@ -20,8 +20,12 @@ import pytest
 from blender_scenes import make_animated_scene
 
 import pilot
-from gateway.protocol import Status
+from gateway.client import Job
+from gateway.client._render import RenderOutput
+from gateway.protocol import FileRef, FrameDone, JobUpdate, Output, OutputKind, Status
+from pilot_magics._frames_view import RenderRun
 from pilot_magics._metrics import PLOT_POINTS, MetricsBoard
+from pilot_magics._train_view import TrainRun
 from tests_support import TEST_TIMEOUTS, Execution, KernelDriver, wait_until
 
 BLENDER = shutil.which("blender")
@@ -63,6 +67,51 @@ def test_the_plot_draws_loss_by_step_per_rank_and_marks_restarts() -> None:
     assert len(board.losses[0]) == 1000, "a step reported again replaces its point"
     assert len(svg.findall(f"{ns}line")) == 1 and board.restarts == 1
     assert board.restart_steps == [900.0]
+
+
+# -- the views, fed a job's events in this process ---------------------------------------------
+
+
+def fed_job(job_id: str, events: list) -> Job:
+    """A ``Job`` seen from the user's thread, its events put in as its client's IO thread
+    would (``on_event``), ending with the job's end."""
+    job = Job(None, None, job_id=job_id)  # type: ignore[arg-type]  # no client: nothing sent
+    if job_id.startswith("render"):
+        job.render = RenderOutput(
+            tuple(sorted(e.item for e in events if e.kind == OutputKind.FRAME))
+        )
+    for ev in [*events, JobUpdate(job_id, Status.DONE)]:
+        job.on_event(ev)
+    return job
+
+
+def test_a_training_view_counts_restarts_and_shows_only_the_rank_asked(capsys) -> None:
+    note = b"[pilot] rank 1 ended (lost): the group stopped and restarts from its latest "
+    events = [
+        Output("train", 0, -1, OutputKind.STDOUT, b"[rank 0] zero\n"),
+        Output("train", 1, -1, OutputKind.STDOUT, b"[rank 1] one\n"),
+        Output("train", -1, -1, OutputKind.STDERR, note + b"checkpoint (restart 1)\n"),
+        Output("train", 1, -1, OutputKind.METRICS, {"rank": 1, "time": 0.0, "step": 3}),
+    ]
+    run = TrainRun(fed_job("train", events), ranks=2, rank_output=1, rich=False)
+    run.follow()
+    out, err = capsys.readouterr()
+    assert "[rank 1] one" in out and "zero" not in out, "rank 1's lines only, labelled once"
+    assert "(restart 1)" in err and run.board.restarts == 1
+    assert "1 restart" in run.summary() and "1 reports" in run.summary()
+
+
+def test_a_render_view_flags_frames_from_different_blender_versions(capsys) -> None:
+    events = [
+        Output("render", 0, f, OutputKind.FRAME, FrameDone(f, FileRef(f"{f}.png", 1), b"", v))
+        for f, v in ((1, "3.4.1"), (2, "3.4.1"), (3, "4.2.0"))
+    ]
+    run = RenderRun(fed_job("render", events), (1, 2, 3), rich=False)
+    run.follow()
+    run.finish(video=False)
+    err = capsys.readouterr().err
+    assert "3/3 frames" in err
+    assert "different Blender versions (3.4.1: 2 frames; 4.2.0: 1 frame)" in err
 
 
 # -- option errors: no gateway needed ------------------------------------------------------------
