@@ -285,9 +285,8 @@ class Scheduler:
             if job.state is not Status.QUEUED:
                 continue
             if job.gang:
-                if self._gang_capacity(job) < job.min_tasks:
-                    self._unschedulable(job)
-            elif not any(x.can_ever_run(job.resources) for x in self.workers.values()):
+                continue  # a pool that grows (adaptive scaling) may yet hold it: it waits
+            if not any(x.can_ever_run(job.resources) for x in self.workers.values()):
                 self._unschedulable(job)
 
     def _worker_draining(self, name: str, handed_back: tuple[TaskAttempt, ...]) -> None:
