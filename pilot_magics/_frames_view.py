@@ -198,7 +198,8 @@ class RenderRun:
         where = self._label(first.index).strip().strip("[]") or f"chunk {first.index}"
         return RemoteCellError(
             f"Rendering {where} of job {first.job_id} failed on {first.worker or 'a worker'}"
-            f"{more}: {lines[-1] if lines else 'failed'}",
+            f"{more}: {lines[-1] if lines else 'failed'}. Once it is fixed, add --missing-only "
+            "to render only the frames still missing.",
             job_id=first.job_id,
             index=first.index,
             item=first.item,
