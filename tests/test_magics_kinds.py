@@ -384,3 +384,16 @@ def test_interrupt_cancels_a_training(kernel: KernelDriver, cluster: pilot.Local
     assert last_job_state(cluster) == Status.CANCELLED
     after = kernel.run("1 + 1")
     assert after.status == "ok", ("the kernel is usable again", after.reply["content"])
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_python_error_in_the_render_body_ends_the_cell_with_its_traceback(
+    kernel: KernelDriver, scene: Path
+) -> None:
+    cell = f"%%distribute --render {scene} --frames 1-2 --chunk 2\nraise ValueError('bad body')"
+    ex = kernel.run(cell)
+    assert ex.status == "error" and ex.error["ename"] == "RemoteCellError"
+    assert "ValueError: bad body" in "\n".join(ex.error["traceback"])
+    assert "[frames 1-2] failed on" in ex.stderr and "--missing-only" in ex.error["evalue"]
