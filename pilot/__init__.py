@@ -11,6 +11,9 @@ The one name a user remembers::
         client = cluster.client()
 
     pilot.SlurmWorkers(partition="gpu", gpus=1, cpus=8).scale(4)   # workers as Slurm jobs
+
+Inside tasks: ``pilot.cached(key, factory)`` builds a model once per task process, and
+``import pilot.train as pt`` is what a training rank uses (``pt.report``, ``pt.checkpoint``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gateway.protocol import (
     Unschedulable,
     find_connection,
 )
+from pilot._cached import cached
 from pilot._cluster import LocalCluster
 from pilot._slurm import SlurmWorkers
 
@@ -54,6 +58,7 @@ __all__ = [
     "SlurmWorkers",
     "TaskError",
     "Unschedulable",
+    "cached",
     "connect",
     "output_dir",
 ]

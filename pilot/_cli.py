@@ -334,6 +334,8 @@ def _logs(args: argparse.Namespace) -> int:
             stream.write(out.data.decode(errors="replace"))
         elif out.kind == OutputKind.DISPLAY:
             print(out.data.get("text/plain", "<display>"))
+        elif out.kind == OutputKind.METRICS:  # a training rank's pt.report(), one JSON line
+            print(f"[metrics] {json.dumps(out.data)}")
     return 0
 
 

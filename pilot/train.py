@@ -9,16 +9,28 @@
 
 Everything here reads the environment the worker set for the rank (``RANK``, ``WORLD_SIZE``,
 ``CUDA_VISIBLE_DEVICES``, ``PILOT_METRICS_FD``/``PILOT_METRICS_PATH``,
-``PILOT_CHECKPOINT_URL``); outside a rank it behaves as rank 0 of a world of one.
+``PILOT_CHECKPOINT_URL``, ``PILOT_CHECKPOINT_DIR``/``PILOT_CHECKPOINT_SEQ``,
+``PILOT_RESTORE_PATH``); outside a rank it behaves as rank 0 of a world of one.
 
-Checkpoints live under the job's checkpoint URL (any fsspec URL, or a local directory) as
+Two homes for checkpoints. Without a checkpoint URL (the default) the **gateway** keeps them:
+``checkpoint`` writes the file whole into ``PILOT_CHECKPOINT_DIR`` (a directory of the worker's;
+temporary name, then a rename) and announces it on the metrics pipe as ``{"checkpoint": PATH,
+"seq": N, "size": BYTES}``; the worker stores it in the gateway's blob store and deletes it,
+and the gateway hands the newest to the ranks of a restart: the worker fetches it before the
+rank starts and ``restore`` loads ``PILOT_RESTORE_PATH`` (``""``: none yet). Numbers count on
+from the restored checkpoint's (``PILOT_CHECKPOINT_SEQ``), so a restart's checkpoints are newer.
+
+With a checkpoint **URL** (``--checkpoint``), they live under it (any fsspec URL, or a local
+directory) as
 ``ckpt-<seq:08d>.pt`` plus a ``LATEST`` file naming the newest. Each file is written whole
 before it becomes visible: on filesystems with a rename, to a temporary name then moved; on
 object stores (and ``memory://``), where one PUT is atomic, directly. ``LATEST`` is written
 last, so a reader that follows it never finds half a checkpoint. The newest
 ``KEEP_CHECKPOINTS`` are kept and older ones deleted. Only rank 0 writes: DDP keeps every rank's
 model identical, so the others have nothing different to save, and no barrier is needed (a
-rank that reaches ``restore`` later still finds a complete checkpoint).
+rank that reaches ``restore`` later still finds a complete checkpoint). Each is announced on
+the metrics pipe too (``{"checkpoint": URL, "seq": N, "size": BYTES, "url": true}``): the
+worker tells the notebook, and counts it as the rank's progress.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import os
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pilot import ConfigError
@@ -100,6 +113,12 @@ def _metric_value(key: str, value: Any) -> int | float | str:
     )
 
 
+def _announce(record: dict[str, Any]) -> None:
+    """A line for the worker only (a checkpoint written): nothing outside a worker's rank."""
+    if os.environ.get("PILOT_METRICS_FD") or os.environ.get("PILOT_METRICS_PATH"):
+        _emit(json.dumps(record))
+
+
 def _emit(line: str) -> None:
     fd = os.environ.get("PILOT_METRICS_FD")
     path = os.environ.get("PILOT_METRICS_PATH")
@@ -134,17 +153,49 @@ def report(**metrics: Any) -> dict[str, Any]:
 # -- checkpoints -----------------------------------------------------------------------------
 
 
+def _no_checkpoint_location() -> ConfigError:
+    return ConfigError(
+        "This job has no checkpoint location: launch it with `--checkpoint URL` (or "
+        "`checkpoint=URL`), or set PILOT_CHECKPOINT_URL to a directory or fsspec URL."
+    )
+
+
 def _checkpoint_root() -> tuple[AbstractFileSystem, str]:
     from fsspec.core import url_to_fs
 
     url = os.environ.get("PILOT_CHECKPOINT_URL")
     if not url:
-        raise ConfigError(
-            "This job has no checkpoint location: launch it with `--checkpoint URL` (or "
-            "`checkpoint=URL`), or set PILOT_CHECKPOINT_URL to a directory or fsspec URL."
-        )
+        raise _no_checkpoint_location()
     fs, root = url_to_fs(url)
     return fs, root.rstrip("/")
+
+
+_seq: int | None = None  # the number of this process's next gateway checkpoint
+
+
+def _next_seq(step: int | None) -> int:
+    """``step`` when given, else one more than the last (from ``PILOT_CHECKPOINT_SEQ``)."""
+    global _seq
+    if _seq is None:
+        _seq = int(os.environ.get("PILOT_CHECKPOINT_SEQ", "0"))
+    seq = _seq if step is None else step
+    _seq = max(_seq, seq + 1)
+    return seq
+
+
+def _checkpoint_to_worker(data: bytes, step: int | None, directory: str) -> str:
+    """Write the checkpoint for the worker to store in the gateway (module docstring)."""
+    seq = _next_seq(step)
+    if seq < 0:
+        raise ValueError(f"pt.checkpoint(step={seq}): steps count from 0")
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"ckpt-{seq:08d}.pt"
+    tmp = root / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    _announce({"checkpoint": str(path), "seq": seq, "size": len(data)})
+    return str(path)
 
 
 def _put_whole(fs: AbstractFileSystem, path: str, data: bytes) -> None:
@@ -185,11 +236,18 @@ def checkpoint(obj: Any, step: int | None = None) -> str | None:
     """Save ``obj`` (``torch.save``) as this job's newest checkpoint and return its URL; on
     ranks other than 0, do nothing and return ``None`` (see the module docstring). ``step``
     numbers the file (``ckpt-<step:08d>.pt``); without it, one more than the newest. Keeps the
-    newest ``KEEP_CHECKPOINTS``. Raises ``ConfigError`` when the job has no checkpoint URL."""
+    newest ``KEEP_CHECKPOINTS``. Without a checkpoint URL, in a rank, the gateway keeps it
+    (module docstring) and the path written is returned. Raises ``ConfigError`` when the job
+    has neither (outside a rank, without ``PILOT_CHECKPOINT_URL``)."""
     if rank() != 0:
         return None
     import torch
 
+    local = os.environ.get("PILOT_CHECKPOINT_DIR")
+    if not os.environ.get("PILOT_CHECKPOINT_URL") and local:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return _checkpoint_to_worker(buf.getvalue(), step, local)
     fs, root = _checkpoint_root()
     fs.makedirs(root, exist_ok=True)
     if step is None:
@@ -204,15 +262,23 @@ def checkpoint(obj: Any, step: int | None = None) -> str | None:
     _put_whole(fs, path, buf.getvalue())
     _put_whole(fs, f"{root}/{LATEST_NAME}", f"{name}\n".encode())
     _prune(fs, root, current=name)
-    return fs.unstrip_protocol(path)
+    url = fs.unstrip_protocol(path)
+    _announce({"checkpoint": url, "seq": step, "size": buf.getbuffer().nbytes, "url": True})
+    return url
 
 
 def restore() -> Any | None:
     """The object of this job's newest checkpoint (``torch.load`` onto ``device()``, with
     ``weights_only=False``: it is the job's own data), or ``None`` when there is none yet.
-    Every rank may call it. Raises ``ConfigError`` when the job has no checkpoint URL."""
+    Every rank may call it. Without a checkpoint URL, in a rank, it is the checkpoint the
+    gateway kept (``PILOT_RESTORE_PATH``). Raises ``ConfigError`` when the job has neither."""
     import torch
 
+    if not os.environ.get("PILOT_CHECKPOINT_URL") and "PILOT_RESTORE_PATH" in os.environ:
+        path = os.environ["PILOT_RESTORE_PATH"]
+        if not path:
+            return None
+        return torch.load(path, map_location=device(), weights_only=False)
     fs, root = _checkpoint_root()
     for _ in range(RESTORE_ATTEMPTS):
         name = _latest_name(fs, root)

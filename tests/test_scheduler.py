@@ -428,6 +428,8 @@ def test_a_lost_rank_stops_the_group_and_restarts_it_on_fewer_ranks() -> None:
     out = s.handle(WorkerLeft("b", 1.0))
     assert CancelAttempt("a", "g", 0, 1) in out, "the survivor is stopped"
     assert GangRestarted("g", 1, 1, TaskStatus.LOST) in out
+    assert gangs(out) == [], "not before the survivor is known to have stopped"
+    out = finish(s, "a", "g", 0, attempt=1, status=TaskStatus.CANCELLED)
     (placed,) = gangs(out)
     assert placed.world == 1 and placed.restart == 1
     assert placed.ranks == (("a", 0, 2),)
@@ -452,7 +454,41 @@ def test_an_error_after_progress_restarts_the_gang() -> None:
     join(s, "a", slots=2)
     s.handle(JobAdded("g", 2, CPU, 0.0, gang=True, restarts=1))
     out = s.handle(TaskFinished("a", "g", 0, 1, TaskStatus.ERROR, 1.0, 0.5, progressed=True))
+    assert gangs(out) == []
+    out = finish(s, "a", "g", 1, attempt=1, status=TaskStatus.CANCELLED)  # rank 1 stopped
     (placed,) = gangs(out)
     assert placed.restart == 1 and placed.world == 2
     out = s.handle(TaskFinished("a", "g", 1, 2, TaskStatus.CRASHED, 2.0, 0.5, progressed=True))
     assert ("g", Status.FAILED) in settled_jobs(out), "restarts used up"
+
+
+def test_a_restart_waits_for_the_stopped_ranks_and_skips_a_worker_that_died_unnoticed() -> None:
+    # Rank 0 fails first (its peer's death broke a collective); the peer's worker is lost only
+    # later. Placing at once would put a rank on the dead worker and cost a second restart.
+    s = sched()
+    join(s, "a", slots=1)
+    join(s, "b", slots=1)
+    s.handle(JobAdded("g", 2, CPU, 0.0, gang=True, restarts=2, min_tasks=1))
+    out = s.handle(TaskFinished("a", "g", 0, 1, TaskStatus.ERROR, 1.0, 0.5, progressed=True))
+    assert CancelAttempt("b", "g", 1, 1) in out
+    assert gangs(out) == []
+    assert gangs(s.handle(Tick(2.0))) == []
+    out = s.handle(WorkerLeft("b", 3.0))
+    (placed,) = gangs(out)
+    assert placed.restart == 1, "one failure, one restart"
+    assert placed.world == 1 and placed.ranks == (("a", 0, 2),)
+
+
+def test_a_stopped_rank_that_never_answers_is_given_up_after_a_while() -> None:
+    from gateway.server._scheduler import GANG_STOP_S
+
+    s = sched()
+    join(s, "a", slots=2)
+    s.handle(JobAdded("g", 2, CPU, 0.0, gang=True, restarts=1))
+    s.handle(TaskFinished("a", "g", 0, 1, TaskStatus.ERROR, 1.0, 0.5, progressed=True))
+    assert gangs(s.handle(Tick(1.0))) == []
+    s.handle(WorkerHeard("a", 1.0 + GANG_STOP_S / 2))  # alive, but silent about rank 1
+    assert gangs(s.handle(Tick(1.0 + GANG_STOP_S / 2))) == []
+    s.handle(WorkerHeard("a", 1.0 + GANG_STOP_S))
+    (placed,) = gangs(s.handle(Tick(1.0 + GANG_STOP_S)))
+    assert placed.restart == 1 and placed.world == 2

@@ -20,6 +20,7 @@ within ``KILL_DEADLINE_S``. Nothing here imports torch or the gateway.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "RankPlacement",
     "choose_backend",
     "interface_for",
+    "kill_and_reap",
     "kill_process_tree",
     "local_address_towards",
     "omp_threads_for",
@@ -48,6 +50,7 @@ __all__ = [
     "rank_argv",
     "rank_environment",
     "spawn_rank",
+    "wait_exit",
 ]
 
 DEFAULT_INIT_TIMEOUT_S = 60.0
@@ -55,6 +58,7 @@ KILL_TERM_GRACE_S = 0.5  # SIGTERM first: a rank may flush its logs; then SIGKIL
 KILL_DEADLINE_S = 2.0  # the whole tree is gone within this, or kill_process_tree raises
 RENDEZVOUS_BACKLOG = 128  # TCPStore clients (a few per rank) queue here until rank 0 serves
 _NO_PIDFD_POLL_MS = 10
+REAP_TIMEOUT_S = 5.0  # after a kill, a rank's exit status is collected within this
 _PROBE_PORT = 9  # discard; a UDP connect() sends nothing, it only asks the kernel for a route
 
 BACKENDS = ("gloo", "nccl", "auto")
@@ -352,3 +356,30 @@ def _leads_group(pid: int) -> bool:
         return os.getpgid(pid) == pid and os.getpgid(0) != pid
     except ProcessLookupError:
         return False
+
+
+async def wait_exit(proc: subprocess.Popen) -> int:
+    """Wait on the running event loop for ``proc`` to exit and reap it; return its status.
+    Reads a pidfd where there is one (no thread), else waits in a thread."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return await asyncio.to_thread(proc.wait)
+    done: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: None if done.done() else done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.wait()
+
+
+def kill_and_reap(proc: subprocess.Popen) -> None:
+    """``kill_process_tree`` then collect the exit status (blocking: call it in a thread).
+    A tree that outlived the deadline is logged by the caller's next look, not raised."""
+    with contextlib.suppress(TimeoutError):
+        kill_process_tree(proc.pid)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(REAP_TIMEOUT_S)

@@ -15,9 +15,9 @@ variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``...) and
    joined;
 4. ``init_process_group`` (gloo, or nccl when every rank has a GPU; ``"auto"`` decides from
    this rank's GPUs, which the scheduler keeps the same on every rank);
-5. calls ``fn(*args, **kwargs)`` from ``cloudpickle.load(CALL)``, destroys the process group,
-   and writes a ``RankOutcome`` (cloudpickle) to RESULT: written to a temporary name and
-   renamed, so RESULT is either absent or complete.
+5. calls ``fn(*args, **kwargs)`` from the call file, destroys the process group, and writes
+   the outcome to RESULT: written to a temporary name and renamed, so RESULT is either absent
+   or complete (both files' formats: ``worker._rank_files``).
 
 Exit status: 0 when ``fn`` returned, 1 when anything raised (the outcome holds the error and
 its traceback, and the traceback goes to stderr too), ``EXIT_RENDEZVOUS_TIMEOUT`` when a
@@ -41,10 +41,12 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from worker._rank_files import RankOutcome, load_call, read_outcome, write_outcome
 
 __all__ = [
     "EXIT_RENDEZVOUS_TIMEOUT",
@@ -76,19 +78,6 @@ class RendezvousTimeout(TimeoutError):
 
 
 @dataclass(frozen=True)
-class RankOutcome:
-    """What one rank left in its result file: ``value`` when ``ok``, else ``error`` (the
-    exception when it pickles, else ``None``) with ``error_text`` and ``traceback``."""
-
-    rank: int
-    ok: bool
-    value: Any = None
-    error: BaseException | None = None
-    error_text: str = ""
-    traceback: str = ""
-
-
-@dataclass(frozen=True)
 class _RankSettings:
     rank: int
     world_size: int
@@ -113,36 +102,6 @@ class _RankSettings:
                 f"{exc.args[0]} is not set: a rank process is started by the worker "
                 "(worker._ddp.spawn_rank), which sets torchrun's environment"
             ) from None
-
-
-def read_outcome(path: str | Path) -> RankOutcome:
-    """Load the ``RankOutcome`` a rank wrote to ``path``. Raises ``FileNotFoundError`` when the
-    rank died before writing one (killed, crashed)."""
-    import cloudpickle
-
-    with open(path, "rb") as f:
-        return cloudpickle.load(f)
-
-
-def _write_outcome(path: str | Path, outcome: RankOutcome) -> None:
-    import cloudpickle
-
-    try:
-        data = cloudpickle.dumps(outcome)
-    except Exception as exc:  # the value or error does not pickle: say so instead
-        what = "result" if outcome.ok else "error"
-        data = cloudpickle.dumps(
-            RankOutcome(
-                rank=outcome.rank,
-                ok=False,
-                error_text=f"rank {outcome.rank}'s {what} cannot be pickled: {exc!r}",
-                traceback=outcome.traceback or traceback.format_exc(),
-            )
-        )
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _require_numpy() -> None:
@@ -187,10 +146,7 @@ class _Watchdog:
             if self._timer is None or self._timer is not threading.current_thread():
                 return  # disarmed (or re-armed) while this timer was about to fire
             error = RendezvousTimeout(message, missing)
-            _write_outcome(
-                self._result_path,
-                RankOutcome(rank=self._rank, ok=False, error=error, error_text=message),
-            )
+            write_outcome(self._result_path, rank=self._rank, error=error, error_text=message)
             print(f"RendezvousTimeout: {message}", file=sys.stderr, flush=True)
             os._exit(EXIT_RENDEZVOUS_TIMEOUT)
 
@@ -296,43 +252,44 @@ def _process_group(
         dist.destroy_process_group()
 
 
-def _load_call(path: str | Path) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    import cloudpickle
-
-    with open(path, "rb") as f:
-        fn, args, kwargs = cloudpickle.load(f)
-    return fn, tuple(args), dict(kwargs)
-
-
 def run_rank(call_path: str | Path, result_path: str | Path, *, store_fd: int | None = None) -> int:
     """Run one rank in this (fresh) process, as the module docstring says; return the exit
-    status. Writes a ``RankOutcome`` to ``result_path`` in every case but a kill."""
+    status. Writes the outcome to ``result_path`` in every case but a kill."""
     rank = int(os.environ.get("RANK", "-1"))
     try:
         settings = _RankSettings.from_env(os.environ)
         _require_numpy()
-        fn, args, kwargs = _load_call(call_path)
+        fn, args, kwargs = load_call(call_path)
         with _process_group(settings, store_fd, result_path):
             value = fn(*args, **kwargs)
     except BaseException as exc:
-        text = traceback.format_exc()
+        text = _user_traceback(exc)
         print(text, file=sys.stderr, end="", flush=True)
-        _write_outcome(
-            result_path,
-            RankOutcome(rank=rank, ok=False, error=exc, error_text=str(exc), traceback=text),
-        )
+        write_outcome(result_path, rank=rank, error=exc, error_text=str(exc), traceback_text=text)
         return EXIT_ERROR
-    _write_outcome(result_path, RankOutcome(rank=rank, ok=True, value=value))
+    write_outcome(result_path, rank=rank, value=value)
     return 0
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without ``run_rank``'s own frame: the user sees their code first."""
+    te = traceback.TracebackException.from_exception(exc)
+    here = os.path.abspath(__file__)
+    stack = list(te.stack)
+    if stack and os.path.abspath(stack[0].filename) == here and stack[0].name == "run_rank":
+        te.stack = traceback.StackSummary.from_list(stack[1:])
+    return "".join(te.format())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``python -m worker._ddp_rank``)."""
     parser = argparse.ArgumentParser(prog="python -m worker._ddp_rank")
-    parser.add_argument("--call", required=True, help="cloudpickled (fn, args, kwargs)")
-    parser.add_argument("--result", required=True, help="where the RankOutcome goes")
+    parser.add_argument("--call", required=True, help="the call file (worker._rank_files)")
+    parser.add_argument("--result", required=True, help="where the outcome goes")
     parser.add_argument("--store-fd", type=int, default=None, help="rank 0: listening socket")
     ns = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a pipe to the worker: each line as it comes
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     from worker._orphan import die_with_parent
 
     die_with_parent()  # a rank never outlives the worker that started it

@@ -6,7 +6,8 @@ The worker hands it every assignment (``assign``). The runner:
   (``worker._fetch.TaskHolds``), then queues it;
 - runs queued tasks on an idle task process when the slots they need are free; a remote
   session (``JobKind.SESSION``) is started through ``start_session`` instead, in a process of
-  its own, taking its slots until it ends (``session_ended``);
+  its own, taking its slots until it ends (``session_ended``); so is a training rank
+  (``JobKind.DDP``, through ``start_rank``, until ``rank_ended``);
 - hands an idle task process several queued tasks at once when they are known to be short
   (their function's mean duration here is under ``policy.short_task_s``, with no timeout, one
   slot, no GPU), as many as run in about ``policy.batch_budget_s``, keeping some back for the
@@ -84,7 +85,8 @@ class Durations:
 
 class TaskRunner:
     """See the module docstring. Callbacks: ``forward(msg)`` sends to the gateway;
-    ``start_session(task)`` starts a remote session; ``spawn(coro)`` runs a coroutine in the
+    ``start_session(task)`` starts a remote session, ``start_rank(task)`` a training rank;
+    ``spawn(coro)`` runs a coroutine in the
     worker's task group; ``wake()`` ends a turn (dispatch, report) outside the socket turns."""
 
     def __init__(
@@ -98,6 +100,7 @@ class TaskRunner:
         fetcher: BlobFetcher,
         forward: Callable[[Any], None],
         start_session: Callable[[Assignment], None],
+        start_rank: Callable[[Assignment], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         wake: Callable[[], None],
     ) -> None:
@@ -115,6 +118,7 @@ class TaskRunner:
         self._fetcher = fetcher
         self._forward = forward
         self._start_session = start_session
+        self._start_rank = start_rank
         self._spawn = spawn
         self._wake = wake
         self._holds = TaskHolds(fetcher, files_dir, release=self._released, fail=self.fail)
@@ -183,16 +187,18 @@ class TaskRunner:
         self._wake()
 
     def cancel(self, wanted: set[Key]) -> None:
-        """Drop the queued and held attempts of ``wanted``; interrupt the running ones."""
-        for a in self._holds.drop(wanted):
-            self._holding.pop((a.job_id, a.index), None)
+        """Drop the queued and held attempts of ``wanted``; interrupt the running ones. A
+        dropped training rank is reported CANCELLED: its group's restart waits for that."""
+        dropped = self._holds.drop(wanted)
         kept: deque[Assignment] = deque()
         for a in self._queue:
-            if (a.job_id, a.index, a.attempt) in wanted:
-                self._holding.pop((a.job_id, a.index), None)
-            else:
-                kept.append(a)
+            (dropped if (a.job_id, a.index, a.attempt) in wanted else kept).append(a)
         self._queue = kept
+        for a in dropped:
+            self._holding.pop((a.job_id, a.index), None)
+            if a.kind == JobKind.DDP:
+                status = TaskStatus.CANCELLED
+                self._reports.result(TaskResult(a.job_id, a.index, a.attempt, status, None))
         for child in list(self.pool.children.values()):
             seqs = [
                 seq
@@ -200,6 +206,16 @@ class TaskRunner:
                 if (t.job_id, t.index, t.attempt) in wanted and seq not in child.interrupting
             ]
             self.pool.interrupt(child, seqs, self._grace_s)
+
+    def rank_ended(self, task: Assignment, result: TaskResult) -> None:
+        """A training rank's process ended (``worker._ranks``): free its slots. The same task
+        may hold a newer attempt here already (its group restarted): that one stays held."""
+        self._release_slots(task.cpus)
+        held = self._holding.get((task.job_id, task.index))
+        if held is not None and held.attempt == task.attempt:
+            del self._holding[(task.job_id, task.index)]
+        self._reports.result(result)
+        self._wake()
 
     def session_ended(self, task: Assignment, result: TaskResult) -> None:
         """A remote session's process reported its end (or died): free its slots."""
@@ -299,11 +315,11 @@ class TaskRunner:
             return
         while self._queue:
             a = self._queue[0]
-            if a.kind == JobKind.SESSION:  # a process of its own, not the pool's
+            if a.kind in (JobKind.SESSION, JobKind.DDP):  # a process of its own, not the pool's
                 self._queue.popleft()
                 self.used_slots += a.cpus
                 self._reports.started(TaskAttempt(a.job_id, a.index, a.attempt))
-                self._start_session(a)
+                (self._start_session if a.kind == JobKind.SESSION else self._start_rank)(a)
                 continue
             if self.used_slots and self.used_slots + a.cpus > self.slots:
                 return
@@ -321,6 +337,8 @@ class TaskRunner:
         # deadline at once: those run alone. So do tasks needing more than one slot or a GPU,
         # and render chunks (one Blender process each, never short).
         if a.timeout_s > 0 or a.cpus != 1 or a.gpus or a.kind in (JobKind.SESSION, JobKind.RENDER):
+            return False
+        if a.kind == JobKind.DDP:  # a training rank: a process of its own
             return False
         mean = self.durations.get(a.fn_digest)
         return mean is not None and mean < self.policy.short_task_s

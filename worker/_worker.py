@@ -12,7 +12,8 @@ parts that each own their state and get what they use in their constructor:
 - ``BlobCache`` (``worker._blobcache``): the functions' blobs, by digest, in memory;
 - ``BlobFetcher`` (``worker._fetch``): blobs asked of the gateway (functions, shipped files);
 - ``TaskRunner`` (``worker._runner``): the task processes, the queue, batching, cancel;
-- ``SessionHost`` (``worker._sessions``): remote sessions, each a process of its own.
+- ``SessionHost`` (``worker._sessions``): remote sessions, each a process of its own;
+- ``RankHost`` (``worker._ranks``): training ranks, each a fresh process, and their rendezvous.
 
 The worker itself routes: what the gateway says goes to the part it concerns (``match`` on the
 message type), what a process says to the runner or the session host; each turn ends with
@@ -47,6 +48,7 @@ from gateway.protocol import (
     InputReply,
     InterruptTask,
     Refused,
+    Rendezvous,
     RunCell,
     Welcome,
     WorkerHello,
@@ -57,6 +59,7 @@ from worker._blobcache import BLOB_CACHE_BYTES, BlobCache
 from worker._devices import cpu_count, detect_gpus, memory_bytes
 from worker._fetch import BlobFetcher
 from worker._link import RECONNECT_MAX_S, GatewayLink
+from worker._ranks import RankHost
 from worker._render_task import BLENDER_TAG
 from worker._reports import Reports
 from worker._runner import TaskRunner
@@ -113,6 +116,7 @@ class Worker:
             fetcher=self.fetcher,
             forward=self.link.send,
             start_session=self._start_session,
+            start_rank=self._start_rank,
             spawn=self._spawn,
             wake=self._end_turn,
         )
@@ -122,6 +126,17 @@ class Worker:
             self.reports.outputs,
             self.tasks.session_ended,
             settings.timeouts.cancel_grace_s,
+        )
+        self.ranks = RankHost(
+            settings,
+            env=child_env,
+            work_dir=self.cache_dir,
+            gpus=[g.index for g in self.gpus],
+            outputs=self.reports.outputs,
+            fetcher=self.fetcher,
+            forward=self.link.send,
+            ended=self.tasks.rank_ended,
+            wake=self._end_turn,
         )
         self._welcomed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -159,6 +174,7 @@ class Worker:
         if self._group is not None:
             await self._group.__aexit__(None, None, None)
         self._closing = True  # what the processes still say is not reported any more
+        await self.ranks.close()
         await self.sessions.close()
         await self.tasks.close()
         self.link.close(linger=1000)  # the goodbye still queued leaves
@@ -259,6 +275,9 @@ class Worker:
                 wanted = {(a.job_id, a.index, a.attempt) for a in attempts}
                 self.tasks.cancel(wanted)
                 self.sessions.cancel(wanted)
+                self.ranks.cancel(wanted)
+            case Rendezvous():
+                self.ranks.rendezvous(msg)
             case RunCell() | InputReply() | InterruptTask():
                 self.sessions.relay(msg)
             case BlobReply():
@@ -282,6 +301,9 @@ class Worker:
 
     def _start_session(self, task: Any) -> None:
         self._spawn(self.sessions.start(task))
+
+    def _start_rank(self, task: Any) -> None:
+        self.ranks.start(task)
 
     def _end_turn(self) -> None:
         if self._closing:

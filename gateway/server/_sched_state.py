@@ -54,6 +54,9 @@ class _Job:
     restarts: int = 0  # group restarts allowed
     restart_count: int = 0
     waiting_said: bool = False
+    # ranks a restart stopped, until each is known to have ended: index -> (worker, attempt)
+    stopping: dict[int, tuple[str, int]] = field(default_factory=dict)
+    stopping_since: float | None = None  # the first tick that saw them stopping
     duration_sum_s: float = 0.0
     duration_n: int = 0
     bad_workers: dict[str, int] = field(default_factory=dict)

@@ -37,7 +37,10 @@ Policies (their knobs are ``SchedulingPolicy``'s, ``gateway.protocol._policy``):
   stops the group (the other ranks are cancelled) and, for a machine-side cause or a code error
   after the rank reported progress, restarts it (``GangRestarted``) up to ``restarts`` times,
   on fewer ranks (down to ``min_tasks``) if the pool can no longer hold them all; a code error
-  before any progress (an ImportError, a typo) fails the job at once.
+  before any progress (an ImportError, a typo) fails the job at once. A group restarts only once
+  every rank it stopped is known to have ended (its worker reported the attempt's end, or is
+  gone), or ``GANG_STOP_S`` passed: a rank whose worker died unnoticed is not placed there
+  again, and a new group never shares its slots (or GPU memory) with a dying one.
 - Locality: a task may carry a data key (what it reads); a worker is offered first the tasks
   whose data it read last, across jobs, so a rerun finds its files in that worker's cache.
 """
@@ -97,6 +100,7 @@ __all__ = [
 ]
 
 _NEVER_RETRIED = (TaskStatus.UNPICKLABLE, TaskStatus.CANCELLED)
+GANG_STOP_S = 10.0  # a stopped rank whose worker says nothing this long counts as ended
 
 
 class Scheduler:
@@ -309,6 +313,9 @@ class Scheduler:
         if w is None:
             return
         self._out.append(WorkerGone(name))
+        for job_id in self._gangs:  # the ranks it was stopping are gone with it
+            if (job := self.jobs.get(job_id)) is not None and job.stopping:
+                job.stopping = {i: s for i, s in job.stopping.items() if s[0] != name}
         for (job_id, _), t in list(w.out.items()):
             if (job := self.jobs.get(job_id)) is not None:
                 self._attempt_failed(job, t, name, status, w)
@@ -330,6 +337,8 @@ class Scheduler:
         job = self.jobs.get(ev.job_id)
         if job is None or not 0 <= ev.index < len(job.tasks):
             return  # a late answer for a finished or unknown job
+        if job.stopping.get(ev.index) == (ev.worker, ev.attempt):
+            del job.stopping[ev.index]  # a rank its group stopped has ended
         t = job.tasks[ev.index]
         if t.state is _T.FINAL:
             return  # recorded once, whatever came later
@@ -404,9 +413,11 @@ class Scheduler:
             return  # already stopped with its group
         if w is not None and w.out.get((job.job_id, t.index)) is t:
             self._release(job, t, w)
+        job.stopping_since = None
         for x in job.tasks:  # no survivor is left waiting in a collective
             if x is not t and x.state is _T.OUT:
                 self._out.append(CancelAttempt(x.worker, job.job_id, x.index, x.attempt))
+                job.stopping[x.index] = (x.worker, x.attempt)  # until it is known to end
                 self._release(job, x)
         code_error = status in _NEVER_RETRIED or (
             status == TaskStatus.ERROR and not progressed and not job.retry_errors
@@ -432,6 +443,8 @@ class Scheduler:
             job = self.jobs.get(job_id)
             if job is None or job.state.finished:
                 self._gangs.remove(job_id)
+                continue
+            if job.stopping:  # the group it restarts from has not ended yet
                 continue
             live = [x for x in job.tasks if x.state is not _T.FINAL]
             world = len(live)
@@ -490,6 +503,14 @@ class Scheduler:
                 if job.timeout_s > 0 and started is not None and now - started > job.timeout_s:
                     self._out.append(CancelAttempt(w.name, job_id, t.index, t.attempt))
                     self._attempt_failed(job, t, w.name, TaskStatus.TIMEOUT, w)
+        for job_id in self._gangs:
+            job = self.jobs.get(job_id)
+            if job is None or not job.stopping:
+                continue
+            if job.stopping_since is None:
+                job.stopping_since = now
+            elif now - job.stopping_since >= GANG_STOP_S:
+                job.stopping.clear()  # their workers never answered: stop waiting for them
         if self._orphans:
             keep = []
             for job_id, t in self._orphans:
