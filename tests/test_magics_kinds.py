@@ -247,16 +247,10 @@ for step in range(5):
 (rank, dist.get_world_size(), t.item())
 """
 
-RUNTIME_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="needs the worker-side training runtime (issue 9), built in parallel",
-)
-
 
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@RUNTIME_XFAIL
 def test_ddp_cell_labels_ranks_shows_metrics_and_gathers_in_rank_order(
     kernel: KernelDriver,
 ) -> None:
@@ -282,7 +276,6 @@ def test_ddp_cell_labels_ranks_shows_metrics_and_gathers_in_rank_order(
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@RUNTIME_XFAIL
 def test_ddp_rank_output_shows_only_that_ranks_lines(kernel: KernelDriver) -> None:
     ex = kernel.run(f"%%distribute --ddp 2 --rank-output 1\n{TRAIN_CELL}", RUN_TIMEOUT_S)
     assert ex.status == "ok", ex.stderr
@@ -373,7 +366,6 @@ def test_interrupt_cancels_a_render(
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@RUNTIME_XFAIL
 def test_interrupt_cancels_a_training(kernel: KernelDriver, cluster: pilot.LocalCluster) -> None:
     def a_rank_printed(msg: dict) -> bool:
         return msg["msg_type"] == "stream" and "[rank " in msg["content"]["text"]
