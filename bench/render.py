@@ -1,0 +1,526 @@
+"""Rendering: one plain ``blender -b`` on one thread next to ``client.render`` on 2 workers.
+
+The same 48-frame scene (made here by Blender's own Python: a cube that slides and turns under
+a sun, 128x128, Cycles on the CPU, ``--samples`` 384 so that one frame takes about 0.4 s on
+one thread of an idle core, denoising off) is rendered in each repeat (``--repeats``, default
+3), both ways in the same run:
+
+(a) by ONE plain ``blender -b scene.blend -t 1 -o DIR/frame_###### -a`` (one thread);
+(b) through the system: a ``LocalCluster`` of 2 workers of 1 slot each (started once, before
+    the first repeat; its start-up is not timed), ``client.render(scene, "1-48", chunk=24,
+    cpus=1)``: each chunk is one Blender with one thread. Timed from the call to the job's
+    final ``JobUpdate``; the scene is shipped (by content hash) in the first repeat only, as
+    it would be for a user rendering the same scene again.
+
+The frames of (b) are then fetched and compared with (a)'s pixel for pixel (at most 1/255 per
+channel); a difference ends the run with exit code 1 (a fast but wrong render must not count).
+
+Figures per repeat, then their median over the repeats and the worst repeat:
+
+- **speed-up**: (a)'s wall time / (b)'s (target: at least 1.8, i.e. 0.9 per worker).
+- **chunk overhead s**: per chunk, the task's wall time (``TaskDone.duration_s``: from the task
+  process starting the chunk to its result, so Blender's start-up, the scene load, storing and
+  announcing each frame, and Blender's exit) minus the render time of its frames. A frame's
+  render time is what Blender itself printed for that frame in the plain run of the same
+  repeat (the ``Time:`` after its ``Saved:`` line: render plus save, one thread). The median
+  over the chunks of a repeat is reported. It includes Blender's own start-up, which the plain
+  run pays once too: ``plain fixed s`` (plain wall time minus the sum of its frames' times) is
+  shown beside it, so ``overhead - fixed`` is what the system adds per chunk. Two Blenders on
+  a 2-core machine also render each frame somewhat slower than one Blender alone (shared caches
+  and memory bandwidth, and the gateway, workers and this client need the same cores): that
+  shows as ``frame ms`` in the system (the median gap between two frames saved in a row by one
+  chunk, from the files' mtimes, see below) next to the plain run's median ``Time:``, and it
+  counts in the overhead.
+- **preview latency ms**: from a frame being saved on the worker to its FRAME ``Output`` (the
+  preview thumbnail) being yielded by ``job.events()`` in this client (target: median under
+  200 ms). Nothing in the protocol carries the save time, so it is observed from outside,
+  without touching the workers: the workers are on this machine, and a thread here polls each
+  chunk's frame folder (``$PILOT_HOME/cache/WORKER/jobs/JOB/.pilot-frames/*``, every
+  ``POLL_S``) and keeps each frame file's ``st_mtime_ns`` (the time Blender last wrote it; the
+  poll rate only has to catch the file before the chunk ends and removes it, not time it). The
+  arrival is ``time.time_ns()`` when ``job.events()`` yields the Output. Both are the realtime
+  clock; file times come from the kernel's coarse clock, which lags by up to one tick (4 ms at
+  HZ=250), so the latency reads up to that much long. Median and worst over the 48 frames.
+- **CPU**: ``pilot cpu s`` is what the gateway, the 2 workers and their task processes spent
+  (user + system, from ``/proc``) during (b), Blender excluded: Parallel Pilot's own cost.
+  ``cores a/b`` is Blender's CPU time over the wall time: about 1.0 for (a), and at most 2.0
+  for (b) on a 2-core machine; less means other processes had the cores.
+
+What bounds the speed-up: with one chunk per worker each worker pays Blender's start-up ``S``
+(``plain fixed s``) as the plain run does, so even with no overhead and two free cores it is
+``(S + 48 f) / (S + 24 f)`` for frames of ``f`` s: 1.83 for S = 1.2 s and f = 0.26 s, 1.88 for
+f = 0.4 s. On a shared 2-core machine the two Blenders also compete with everything else that
+runs (``load`` is the 1-minute load average when the repeat started).
+
+Chunking: 24 frames per chunk, one chunk per worker, so each worker pays Blender's start-up
+once, as the plain run does (``--chunk`` to change; ``--chunk 0`` lets ``client.render`` choose,
+which assumes 1 s frames and picks 9 here: 3 start-ups per worker). With smaller chunks the
+speed-up falls by one start-up per extra chunk on a worker, and, as the scheduler stands, its
+prefetch may queue several chunks on one worker while the other idles (docs/render.md, Limits).
+
+    .venv/bin/python bench/render.py                       # 3 repeats, ~2 minutes
+    .venv/bin/python bench/render.py --repeats 1 --samples 64
+
+Needs ``blender`` on PATH (or ``--blender``); JSON goes to ``bench/results/render.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: import the bench package by its name
+    sys.path.insert(0, str(ROOT))
+
+import pilot  # noqa: E402
+from bench._table import print_table, write_json  # noqa: E402
+from gateway.protocol import JobUpdate, Output, OutputKind, Status  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "render.json"
+FRAMES = 48
+SIZE_PX = 128
+SAMPLES = 384  # about 0.4 s a frame on one idle thread (0.26 s at 256 samples)
+CHUNK = 24
+WORKERS = 2
+POLL_S = 0.005  # the frame-folder watcher's period
+SCENE_TIMEOUT_S = 120.0
+PLAIN_TIMEOUT_S = 600.0
+RENDER_TIMEOUT_S = 600.0
+SPEEDUP_TARGET = 1.8
+LATENCY_TARGET_MS = 200.0
+
+# Runs inside Blender: ``blender -b --factory-startup --python-expr SCRIPT -- OUT.blend``.
+# The scene of tests/blender_scenes.py, with its size and samples as parameters.
+_SCENE_SCRIPT = """
+import math, sys
+import bpy
+
+out = sys.argv[sys.argv.index("--") + 1]
+bpy.ops.wm.read_factory_settings(use_empty=True)
+scene = bpy.context.scene
+scene.render.engine = "CYCLES"
+scene.cycles.device = "CPU"
+scene.cycles.samples = {samples}
+scene.cycles.use_denoising = False
+for layer in scene.view_layers:
+    layer.cycles.use_denoising = False
+scene.render.resolution_x = scene.render.resolution_y = {size}
+scene.render.resolution_percentage = 100
+scene.render.image_settings.file_format = "PNG"
+scene.frame_start, scene.frame_end = 1, {frames}
+
+bpy.ops.mesh.primitive_cube_add(size=1.5, location=(-1.5, 0, 0))
+cube = bpy.context.active_object
+for frame, location, turn in ((1, (-1.5, 0, 0), 0), ({frames}, (1.5, 0, 0.5), math.pi)):
+    cube.location = location
+    cube.rotation_euler = (0, 0, turn)
+    cube.keyframe_insert("location", frame=frame)
+    cube.keyframe_insert("rotation_euler", frame=frame)
+
+bpy.ops.object.camera_add(location=(0, -7, 3), rotation=(math.radians(70), 0, 0))
+scene.camera = bpy.context.active_object
+bpy.ops.object.light_add(type="SUN", location=(2, -2, 5))
+bpy.context.active_object.data.energy = 3.0
+scene.world = bpy.data.worlds.new("World")
+bpy.ops.wm.save_as_mainfile(filepath=out)
+"""
+
+_SAVED = re.compile(r"^Saved: '.*frame_(\d+)\.png'")
+_TIME = re.compile(r"^\s*Time: ([\d:.]+)")
+_FRAME_FILE = re.compile(r"^frame_(\d+)\.png$")
+
+
+class WrongResult(Exception):
+    """The system's frames differ from the plain run's."""
+
+
+def make_scene(path: Path, blender: str, size: int, samples: int, frames: int) -> Path:
+    script = _SCENE_SCRIPT.format(size=size, samples=samples, frames=frames)
+    command = [blender, "-b", "--factory-startup", "--python-exit-code", "1"]
+    done = subprocess.run(
+        [*command, "--python-expr", script, "--", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=SCENE_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0 or not path.is_file():
+        raise RuntimeError(f"Blender could not make the scene:\n{done.stdout[-3000:]}")
+    return path
+
+
+def _seconds(timecode: str) -> float:
+    """Blender's ``MM:SS.ss`` or ``HH:MM:SS.ss`` as seconds."""
+    total = 0.0
+    for part in timecode.split(":"):
+        total = total * 60 + float(part)
+    return total
+
+
+def plain_run(blender: str, scene: Path, outdir: Path, frames: int) -> dict[str, Any]:
+    """One plain ``blender -b -t 1 -a``: its wall time and each frame's ``Time:``."""
+    command = [blender, "-b", str(scene), "-t", "1", "-o", str(outdir / "frame_######"), "-a"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=PLAIN_TIMEOUT_S)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    if done.returncode != 0:
+        raise RuntimeError(f"plain blender failed ({done.returncode}):\n{done.stdout[-3000:]}")
+    frame_s: dict[int, float] = {}
+    saved: int | None = None
+    for line in done.stdout.splitlines():
+        if m := _SAVED.match(line):
+            saved = int(m.group(1))
+        elif saved is not None and (m := _TIME.match(line)):
+            frame_s[saved] = _seconds(m.group(1))
+            saved = None
+    if sorted(frame_s) != list(range(1, frames + 1)):
+        raise RuntimeError(f"plain blender reported times for {len(frame_s)} of {frames} frames")
+    return {
+        "wall_s": wall,
+        "frame_s": frame_s,
+        "fixed_s": wall - sum(frame_s.values()),
+        "median_frame_ms": statistics.median(frame_s.values()) * 1000,
+        "blender_cores": cpu / wall,
+    }
+
+
+class FrameFileWatcher:
+    """Polls the frame folders of one job on this machine's workers and keeps each frame
+    file's latest ``st_mtime_ns`` (a file seen mid-write is stat'ed again on the next poll).
+    A context manager: the thread runs inside ``with``; ``watch(job_id)`` says which job."""
+
+    def __init__(self, home: Path) -> None:
+        self._home = home
+        self._job = ""
+        self.saved_ns: dict[int, int] = {}  # frame -> mtime
+        self.chunk_of: dict[int, str] = {}  # frame -> its chunk folder
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frame-watcher", daemon=True)
+
+    def __enter__(self) -> FrameFileWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def watch(self, job_id: str) -> None:
+        self.saved_ns, self.chunk_of = {}, {}
+        self._job = job_id
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            if self._job:
+                self._poll(self._job)
+
+    def _poll(self, job: str) -> None:
+        for folder in self._home.glob(f"cache/*/jobs/{job}/.pilot-frames/*"):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:  # the chunk ended and removed it
+                continue
+            for entry in entries:
+                if not (m := _FRAME_FILE.match(entry.name)):
+                    continue
+                try:
+                    mtime = entry.stat().st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                frame = int(m.group(1))
+                self.saved_ns[frame] = max(mtime, self.saved_ns.get(frame, 0))
+                self.chunk_of[frame] = folder.name
+
+
+class ClusterCpu:
+    """CPU seconds of a ``LocalCluster``'s processes: the gateway, the workers and their task
+    processes (their own time: Parallel Pilot's cost), and the Blenders those task processes
+    started and reaped (their children's time). ``take()`` returns a snapshot; ``since(a)``
+    the seconds spent since snapshot ``a`` (a process started since counts from zero)."""
+
+    def __init__(self, cluster: pilot.LocalCluster) -> None:
+        self._cluster = cluster
+
+    def take(self) -> dict[int, tuple[float, float]]:
+        roots = [p for p in (self._cluster.gateway, *self._cluster.workers) if p is not None]
+        snap: dict[int, tuple[float, float]] = {}
+        for root in roots:
+            try:
+                proc = psutil.Process(root.pid)
+                procs = [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in procs:
+                try:
+                    if p.name().startswith("blender"):
+                        continue  # counted by its task process once reaped
+                    t = p.cpu_times()
+                except psutil.Error:
+                    continue
+                snap[p.pid] = (t.user + t.system, t.children_user + t.children_system)
+        return snap
+
+    @staticmethod
+    def since(
+        before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]
+    ) -> tuple[float, float]:
+        """(Parallel Pilot's processes' own CPU s, their reaped children's CPU s)."""
+        own = children = 0.0
+        for pid, (o, c) in after.items():
+            o0, c0 = before.get(pid, (0.0, 0.0))
+            own, children = own + o - o0, children + c - c0
+        return own, children
+
+
+def system_run(
+    client: pilot.Client,
+    scene: Path,
+    watcher: FrameFileWatcher,
+    cpu: ClusterCpu,
+    plain: dict[str, Any],
+    frames: int,
+    chunk: int | None,
+) -> tuple[dict[str, Any], pilot.Job]:
+    """``client.render`` on the cluster, followed live; its figures (see the docstring)."""
+    arrived_ns: dict[int, int] = {}
+    cpu_before = cpu.take()
+    t0 = time.perf_counter()
+    job = client.render(scene, frames=f"1-{frames}", chunk=chunk, cpus=1, name="bench")
+    watcher.watch(job.id)
+    for ev in job.events(timeout=RENDER_TIMEOUT_S):
+        if isinstance(ev, Output) and ev.kind == OutputKind.FRAME:
+            arrived_ns[ev.item] = time.time_ns()
+        elif isinstance(ev, JobUpdate) and Status(ev.state).finished:
+            break
+    wall = time.perf_counter() - t0
+    pilot_cpu, blender_cpu = cpu.since(cpu_before, cpu.take())
+    job.wait(0)  # raises if the job failed or is not over
+
+    overheads = []
+    for index in sorted(job.tasks):
+        done = job.tasks[index]
+        rendered = job.value(index)
+        overheads.append(done.duration_s - sum(plain["frame_s"][f] for f in rendered))
+    latencies = [
+        (arrived_ns[f] - saved) / 1e6 for f, saved in watcher.saved_ns.items() if f in arrived_ns
+    ]
+    gaps = []  # consecutive frames of one chunk: the system's per-frame time
+    for folder in set(watcher.chunk_of.values()):
+        times = sorted(watcher.saved_ns[f] for f, c in watcher.chunk_of.items() if c == folder)
+        gaps += [(b - a) / 1e6 for a, b in itertools.pairwise(times)]
+    return {
+        "job": job.id,
+        "wall_s": wall,
+        "chunks": len(job.tasks),
+        "chunk_frames": job.chunk,
+        "workers_used": len({d.worker for d in job.tasks.values()}),
+        "chunk_duration_s": [job.tasks[i].duration_s for i in sorted(job.tasks)],
+        "chunk_overhead_s": overheads,
+        "pilot_cpu_s": pilot_cpu,
+        "blender_cores": blender_cpu / wall,
+        "median_chunk_overhead_s": statistics.median(overheads),
+        "median_frame_ms": statistics.median(gaps) if gaps else None,
+        "latency_ms": latencies,
+        "frames_timed": len(latencies),
+        "median_latency_ms": statistics.median(latencies) if latencies else None,
+        "worst_latency_ms": max(latencies) if latencies else None,
+    }, job
+
+
+def max_pixel_difference(files: list[str], plain_dir: Path) -> int:
+    import numpy as np
+    from PIL import Image
+
+    worst = 0
+    for path in files:
+        with Image.open(path) as ours, Image.open(plain_dir / Path(path).name) as theirs:
+            a = np.asarray(ours, dtype=np.int16)
+            b = np.asarray(theirs, dtype=np.int16)
+        worst = max(worst, int(np.abs(a - b).max()))
+    return worst
+
+
+def one_repeat(
+    n: int,
+    blender: str,
+    scene: Path,
+    client: pilot.Client,
+    watcher: FrameFileWatcher,
+    cpu: ClusterCpu,
+    work: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    load = os.getloadavg()[0]
+    plain_dir = work / f"plain-{n}"
+    plain = plain_run(blender, scene, plain_dir, args.frames)
+    print(f"  run {n}: plain {plain['wall_s']:.2f}s", end="", flush=True)
+    system, job = system_run(client, scene, watcher, cpu, plain, args.frames, args.chunk or None)
+    print(f", system {system['wall_s']:.2f}s", flush=True)
+    files = job.frames
+    if len(files) != args.frames:
+        raise WrongResult(f"the system gave {len(files)} frames of {args.frames}")
+    diff = max_pixel_difference(files, plain_dir)
+    if diff > 1:
+        raise WrongResult(f"a frame differs from the plain run's by {diff}/255")
+    shutil.rmtree(plain_dir, ignore_errors=True)
+    return {
+        "run": n,
+        "load_1min": load,
+        "speedup": plain["wall_s"] / system["wall_s"],
+        "plain": {k: v for k, v in plain.items() if k != "frame_s"}
+        | {"frame_s": list(plain["frame_s"].values())},
+        "system": system,
+        "max_pixel_difference": diff,
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(figure, median of runs, worst run, target, met) rows; a figure no run has is ``-``."""
+    plain = [r["plain"] for r in runs]
+    system = [r["system"] for r in runs]
+    figures: list[tuple[str, list[Any], bool, float | None]] = [
+        ("speed-up", [r["speedup"] for r in runs], True, SPEEDUP_TARGET),
+        ("plain s", [p["wall_s"] for p in plain], False, None),
+        ("system s", [x["wall_s"] for x in system], False, None),
+        ("chunk overhead s", [x["median_chunk_overhead_s"] for x in system], False, None),
+        ("plain fixed s", [p["fixed_s"] for p in plain], False, None),
+        ("plain frame ms", [p["median_frame_ms"] for p in plain], False, None),
+        ("system frame ms", [x["median_frame_ms"] for x in system], False, None),
+        ("plain blender cores", [p["blender_cores"] for p in plain], True, None),
+        ("system blender cores", [x["blender_cores"] for x in system], True, None),
+        ("pilot cpu s", [x["pilot_cpu_s"] for x in system], False, None),
+        ("preview median ms", [x["median_latency_ms"] for x in system], False, LATENCY_TARGET_MS),
+        ("preview worst ms", [x["worst_latency_ms"] for x in system], False, None),
+    ]
+    rows = []
+    for figure, values, higher, bound in figures:
+        known = [v for v in values if v is not None]
+        median = statistics.median(known) if known else None
+        worst = (min(known) if higher else max(known)) if known else None
+        met = None
+        if bound is not None and median is not None:
+            met = median >= bound if higher else median < bound
+        rows.append(
+            {
+                "figure": figure,
+                "median": median,
+                "worst": worst,
+                "target": "" if bound is None else f"{'>=' if higher else '<'} {bound:g}",
+                "met": {None: "", True: "yes", False: "NO"}[met],
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=FRAMES)
+    parser.add_argument("--size", type=int, default=SIZE_PX, help="pixels a side")
+    parser.add_argument("--samples", type=int, default=SAMPLES, help="Cycles samples")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="frames per chunk; 0: auto")
+    parser.add_argument("--blender", default=os.environ.get("PILOT_BLENDER") or "blender")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    args = parser.parse_args(argv)
+    blender = shutil.which(args.blender)
+    if blender is None:
+        print(f"No Blender at {args.blender!r}: apt-get install blender, or --blender PATH.")
+        return 2
+
+    runs: list[dict[str, Any]] = []
+    error = ""
+    with tempfile.TemporaryDirectory(prefix="bench-render-") as tmp:
+        work = Path(tmp)
+        scene = make_scene(work / "scene.blend", blender, args.size, args.samples, args.frames)
+        print(f"scene: {args.frames} frames, {args.size}x{args.size}, {args.samples} samples")
+        env = {"PILOT_LOG_LEVEL": os.environ.get("PILOT_LOG_LEVEL", "WARNING")}
+        with (
+            pilot.LocalCluster(WORKERS, slots=1, home=work / "home", env=env, blender=blender) as c,
+            FrameFileWatcher(work / "home") as watcher,
+        ):
+            client, cpu = c.client(), ClusterCpu(c)
+            for n in range(1, args.repeats + 1):
+                try:
+                    runs.append(one_repeat(n, blender, scene, client, watcher, cpu, work, args))
+                except WrongResult as exc:
+                    error = f"WrongResult: {exc}"
+                    print(f"\n{error}", file=sys.stderr)
+                    break
+
+    if not runs:
+        return 1
+    rows = [
+        {
+            "run": r["run"],
+            "load": r["load_1min"],
+            "plain s": r["plain"]["wall_s"],
+            "system s": r["system"]["wall_s"],
+            "speed-up": r["speedup"],
+            "chunks": r["system"]["chunks"],
+            "overhead s": r["system"]["median_chunk_overhead_s"],
+            "fixed s": r["plain"]["fixed_s"],
+            "frame ms a/b": f"{r['plain']['median_frame_ms']:.0f}/"
+            f"{r['system']['median_frame_ms'] or 0:.0f}",
+            "cores a/b": f"{r['plain']['blender_cores']:.2f}/{r['system']['blender_cores']:.2f}",
+            "pilot cpu s": r["system"]["pilot_cpu_s"],
+            "preview ms": r["system"]["median_latency_ms"],
+            "worst ms": r["system"]["worst_latency_ms"],
+            "timed": f"{r['system']['frames_timed']}/{args.frames}",
+        }
+        for r in runs
+    ]
+    chunk = runs[0]["system"]["chunk_frames"]
+    print(
+        f"\n{args.frames} frames, chunk {chunk}; (a) one blender -t 1, (b) {WORKERS} workers x "
+        f"1 slot, cpus=1; {os.cpu_count()} cores"
+    )
+    print_table(rows, list(rows[0]))
+    summary = summarise(runs)
+    print(f"\nover {len(runs)} run(s): the median, and the worst run")
+    print_table(summary, ["figure", "median", "worst", "target", "met"])
+    path = write_json(
+        args.out,
+        {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": sys.version.split()[0],
+                "blender": subprocess.run(
+                    [blender, "-v"], capture_output=True, text=True
+                ).stdout.splitlines()[0],
+            },
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "scene": {"frames": args.frames, "size_px": args.size, "samples": args.samples},
+            "chunk": chunk,
+            "workers": WORKERS,
+            "repeats": args.repeats,
+            "summary": summary,
+            "runs": runs,
+            "error": error,
+        },
+    )
+    print(f"\nwritten to {path}")
+    return 1 if error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
