@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -30,7 +32,9 @@ from gateway.protocol import (
     find_connection,
     new_key,
 )
+from pilot._discovery import worker_connection
 from pilot._scale_cli import add_scale_parser
+from pilot._user_cli import add_user_parser
 
 STATES = {s.value: s.name.lower() for s in Status}
 
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=2)
     up.add_argument("--slots", type=int, default=1)
     up.add_argument("--blender", default=None, help="Blender for the workers to render with")
+    up.add_argument("--secure", action="store_true", help="CurveZMQ on every socket, users")
     up.set_defaults(run=_up)
 
     gw = sub.add_parser("gateway", help="run a gateway")
@@ -69,10 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--state", type=Path, default=None, help="default $PILOT_HOME/state")
     gw.add_argument("--connection-file", type=Path, default=None)
     gw.add_argument("--ready-line", action="store_true", help=argparse.SUPPRESS)
+    secure = gw.add_mutually_exclusive_group()
+    secure.add_argument(
+        "--secure", action="store_true", default=None, help="default when --bind is not loopback"
+    )
+    secure.add_argument("--insecure", dest="secure", action="store_false", help="no encryption")
+    gw.add_argument("--advertise", action="store_true", help="announce it on the LAN (zeroconf)")
     gw.set_defaults(run=_gateway)
 
     wk = sub.add_parser("worker", help="run a worker")
     wk.add_argument("--connect", default=None, help="connection file or tcp://HOST:PORT")
+    wk.add_argument("--discover", action="store_true", help="find the gateway on the LAN")
+    wk.add_argument("--keys", default=None, help="with --discover: a connection file's keys")
     wk.add_argument("--slots", type=int, default=1)
     wk.add_argument("--tags", default="")
     wk.add_argument("--name", default=None)
@@ -108,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.set_defaults(run=_logs)
 
     add_scale_parser(sub)
+    add_user_parser(sub)
 
     kernel = sub.add_parser("kernel", help="install the Parallel Pilot Jupyter kernel")
     ksub = kernel.add_subparsers(required=True, metavar="ACTION")
@@ -151,6 +165,15 @@ def _gateway(args: argparse.Namespace) -> int:
     home = default_home()
     state = args.state or home / "state"
     old = _previous_ports(state)
+    secure = args.secure
+    if secure is None:  # on by default where others can reach the gateway
+        secure = not _loopback(args.bind)
+    elif not secure and not _loopback(args.bind):
+        logging.getLogger("pilot").warning(
+            "--insecure on %s: anyone on that network can read the traffic, and anyone with "
+            "the connection file's key can do anything; see docs/security.md",
+            args.bind,
+        )
     http: int | None = None if args.http_port == "none" else int(args.http_port)
     settings = GatewaySettings(
         state_dir=state,
@@ -161,10 +184,11 @@ def _gateway(args: argparse.Namespace) -> int:
         key=_load_or_create_key(state),
         connection_file=args.connection_file or home / "connection.json",
         max_message_bytes=int(os.environ.get("PILOT_MAX_MESSAGE_BYTES", 1 << 30)),
+        secure=secure,
     )
 
     async def serve() -> None:
-        async with Gateway(settings) as gw:
+        async with Gateway(settings) as gw, contextlib.AsyncExitStack() as stack:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, gw.stop)
@@ -174,10 +198,16 @@ def _gateway(args: argparse.Namespace) -> int:
                 "client": _port(info.client_url),
                 "worker": _port(info.worker_url),
                 "http": _port(info.http_url) if info.http_url else 0,
+                "client_url": info.client_url,  # for `pilot user add` while it is stopped
+                "worker_url": info.worker_url,
             }
             (state / "ports.json").write_text(json.dumps(ports))
-            if args.ready_line:
-                print("READY " + json.dumps(asdict(info)), flush=True)
+            if args.advertise:
+                from pilot._discovery import Advertiser
+
+                await stack.enter_async_context(Advertiser(args.bind, info))
+            if args.ready_line:  # the secrets stay in the connection file
+                print("READY " + json.dumps(info.public()), flush=True)
             else:
                 print(f"gateway ready: clients {info.client_url}, workers {info.worker_url}")
                 print(f"connection file: {settings.connection_file}")
@@ -193,14 +223,23 @@ def _port(url: str) -> int:
     return int(url.rstrip("/").rsplit(":", 1)[1])
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _worker(args: argparse.Namespace) -> int:
     from worker import Worker, parse_size
 
     if args.slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {args.slots}).")
     try:
-        connection = find_connection(args.connect)
+        connection = worker_connection(args.connect, args.discover, args.keys)
     except NoGateway as exc:
+        if args.discover:
+            raise
         raise NoGateway(
             f"{exc.args[0].split(':')[0]}: give the gateway with --connect FILE (its "
             "connection.json) or --connect tcp://HOST:PORT (its worker port, with PILOT_KEY "
@@ -238,7 +277,9 @@ def _up(args: argparse.Namespace) -> int:
 
     home = default_home()
     t0 = time.perf_counter()
-    cluster = LocalCluster(args.workers, slots=args.slots, home=home, blender=args.blender)
+    cluster = LocalCluster(
+        args.workers, slots=args.slots, home=home, blender=args.blender, secure=args.secure
+    )
     stop = False
 
     def on_signal(signum: int, frame: Any) -> None:

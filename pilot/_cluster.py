@@ -47,6 +47,8 @@ class LocalCluster:
     ``home`` holds the state and the connection file (a temporary directory when None, removed
     at exit). ``env`` is added to the processes' environment. ``blender``: the Blender the
     workers render with (``--blender``; by default ``$PILOT_BLENDER``, else ``blender`` on PATH).
+    ``secure``: CurveZMQ on every socket (``pilot gateway --secure``); ``gateway_args`` are
+    more options of ``pilot gateway``.
     """
 
     def __init__(
@@ -60,6 +62,8 @@ class LocalCluster:
         worker_args: tuple[str, ...] = (),
         timeouts: Timeouts | None = None,
         blender: str | os.PathLike[str] | None = None,
+        secure: bool = False,
+        gateway_args: tuple[str, ...] = (),
     ) -> None:
         self.n_workers = workers
         self.slots = slots
@@ -71,6 +75,7 @@ class LocalCluster:
         if blender is not None:
             self.worker_args = ("--blender", os.fspath(blender), *worker_args)
         self.timeouts = timeouts or Timeouts()
+        self.gateway_args = (*(("--secure",) if secure else ()), *gateway_args)
         self.gateway: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.connection: ConnectionInfo | None = None
@@ -110,6 +115,7 @@ class LocalCluster:
             "--connection-file",
             str(self.connection_file),
             "--ready-line",
+            *self.gateway_args,
         ]
         if not self.http:
             cmd += ["--http-port", "none"]
@@ -123,7 +129,11 @@ class LocalCluster:
             raise PilotError(
                 f"The gateway did not start (exit code {code}); see the messages above."
             )
-        self.connection = ConnectionInfo(**json.loads(line[6:]))
+        # The ready line leaves the secrets out: they are in the connection file (0600).
+        public = json.loads(line[6:])
+        self.connection = ConnectionInfo.load(self.connection_file)
+        if self.connection.gateway_id != public["gateway_id"]:
+            raise PilotError(f"{self.connection_file} is another gateway's.")
         return self.connection
 
     def add_worker(self, *extra: str, name: str | None = None) -> subprocess.Popen[bytes]:

@@ -16,6 +16,13 @@ held for ``RESULT_HOLD_S`` are sent by the flusher thread (within ``FLUSH_S``), 
 does not keep back the results of the short ones before it in the same batch.
 Owned by the task process; ``emit`` and ``emit_results`` are called with the lock held, from
 either thread.
+
+A task's output has a budget (``budget_bytes``, 0: none; a task process uses
+``OUTPUT_BUDGET_BYTES`` or ``$PILOT_OUTPUT_BUDGET_BYTES``): what a task prints past it is read
+and dropped here, where it costs least (it never reaches the worker, the gateway or the
+client), and its end shows ``[output truncated: N bytes dropped]`` on stderr, just before its
+result. A task that prints a gigabyte costs its worker, gateway and client the budget, not
+the gigabyte, and loses no result.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ RESULT_HOLD_S = 0.002  # results of a batch finishing within this of each other 
 FLUSH_BYTES = 64 * 1024
 _READ_BYTES = 64 * 1024
 _STREAMS = (OutputKind.STDOUT, OutputKind.STDERR)  # consecutive writes merge into one Output
+OUTPUT_BUDGET_BYTES = 16 << 20  # per task, in a task process (see the module docstring)
 
 
 class _Stream(io.TextIOBase):
@@ -76,6 +84,8 @@ class Capture:
         self,
         emit: Callable[[list[Output]], None],
         emit_results: Callable[[list[Any]], None] | None = None,
+        *,
+        budget_bytes: int = 0,
     ) -> None:
         self._emit = emit
         self._emit_results = emit_results
@@ -89,6 +99,10 @@ class Capture:
         self._pipes: dict[int, OutputKind] = {}
         self._fds: list[int] = []
         self._thread: threading.Thread | None = None
+        self._budget = budget_bytes
+        self._budget_key: tuple[str, int] | None = None  # the task whose bytes are counted
+        self._spent = 0  # its bytes let through
+        self._dropped = 0  # its bytes dropped
 
     def start(self) -> None:
         """Redirect fds 1 and 2 and ``sys.stdout``/``sys.stderr``; start the flusher."""
@@ -107,6 +121,10 @@ class Capture:
     def add(self, kind: OutputKind, data: Any, extra: dict[str, Any] | None = None) -> None:
         """Record output under the current label (any thread)."""
         with self.lock:
+            if self._budget and kind in _STREAMS:
+                data = self._within_budget_locked(data)
+                if not data:
+                    return
             self._pending.append((self.label, kind, data, extra or {}))
             self._pending_bytes += len(data) if isinstance(data, bytes) else 1024
             if self._pending_bytes >= FLUSH_BYTES:
@@ -132,6 +150,8 @@ class Capture:
         ``RESULT_HOLD_S``, send the outputs and then every held result."""
         with self.lock:
             self._read_pipes_locked()
+            self._truncated_locked()
+            self._budget_key = None  # the next task has a budget of its own
             self._results.append(result)
             now = time.monotonic()
             if self._held_since is None:
@@ -174,9 +194,37 @@ class Capture:
                     break
                 if not chunk:
                     break
+                if self._budget:
+                    chunk = self._within_budget_locked(chunk)
+                    if not chunk:
+                        continue  # dropped: read on, the pipe must not fill up
                 self._pending.append((self.label, kind, chunk, {}))
                 if len(chunk) < _READ_BYTES:
                     break
+
+    def _within_budget_locked(self, data: bytes) -> bytes:
+        """What of ``data`` the current task's budget still lets through; the rest is counted
+        as dropped."""
+        key = (self.label[0], self.label[1])
+        if key != self._budget_key:  # another task speaks now (fd writes are read late)
+            self._truncated_locked()
+            self._budget_key, self._spent = key, 0
+        room = self._budget - self._spent
+        if len(data) <= room:
+            self._spent += len(data)
+            return data
+        kept = data[: max(room, 0)]
+        self._spent += len(kept)
+        self._dropped += len(data) - len(kept)
+        return kept
+
+    def _truncated_locked(self) -> None:
+        """The marker of the counted task's dropped output, if it dropped any."""
+        if self._dropped and self._budget_key is not None:
+            job_id, index = self._budget_key
+            text = f"\n[output truncated: {self._dropped} bytes dropped]\n".encode()
+            self._pending.append(((job_id, index, -1), OutputKind.STDERR, text, {}))
+            self._dropped = 0
 
     def _send_locked(self) -> None:
         if not self._pending:

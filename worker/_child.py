@@ -71,7 +71,7 @@ from gateway.protocol import (
 )
 from gateway.protocol import TaskStatus as S
 from worker._blender import BlenderInfo
-from worker._capture import Capture
+from worker._capture import OUTPUT_BUDGET_BYTES, Capture
 from worker._control import Control
 from worker._display import install_display
 from worker._orphan import die_with_parent
@@ -83,6 +83,7 @@ FUNCTION_CACHE = 64  # functions kept loaded, by digest
 # (``worker._fetch.BLOB_FETCH_BASE_S``), whose clearer error should come first.
 FUNCTION_WAIT_S = 90.0
 PARENT_CHECK_S = 1.0  # while idle, how often to check that the worker is still there
+RESULT_OVERHEAD_BYTES = 64 * 1024  # a result's message besides its value (ids, error text)
 # Frames of ours that the user should not see in a task's traceback.
 _HIDDEN = {
     os.path.abspath(__file__),
@@ -98,6 +99,7 @@ class _TaskProcess:
         control: str,
         files: tuple[Path, int],
         blender: BlenderInfo | None = None,
+        limits: tuple[int, int] = (1 << 30, OUTPUT_BUDGET_BYTES),
     ) -> None:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
@@ -105,7 +107,10 @@ class _TaskProcess:
         self._sock.setsockopt(zmq.LINGER, 2000)
         self._sock.connect(url)
         self._fd = self._sock.getsockopt(zmq.FD)
-        self._codec = Codec(None)
+        # The worker's message size limit (a larger result fails its task, see ``run``) and
+        # the output budget per task (``worker._capture``).
+        self._max_bytes, budget = limits
+        self._codec = Codec(None, max_message_bytes=self._max_bytes)
         # ZeroMQ sockets are not thread-safe: every use of the socket, from this thread or the
         # capture's flusher, holds this lock. While idle, this thread waits for the socket's
         # descriptor outside the lock; a send from the flusher then wakes it (``_wake``), as
@@ -117,7 +122,7 @@ class _TaskProcess:
         os.set_blocking(self._wake_w, False)
         self._control = Control(control)
         self._ppid = os.getppid()
-        self.capture = Capture(self._emit, self._emit_results)
+        self.capture = Capture(self._emit, self._emit_results, budget_bytes=budget)
         self._fns: OrderedDict[str, Any] = OrderedDict()
         self._inbox: deque[Any] = deque()  # what came while a function was awaited
         self._files = TaskFiles(files[0], files[1], self._put_blob)
@@ -250,6 +255,13 @@ class _TaskProcess:
             payload: Payload = dumps(value, what="the result")
         except Exception as exc:
             return self._fail(a, S.UNPICKLABLE, str(exc), t0, show_tb=False)
+        if payload.nbytes > self._max_bytes - RESULT_OVERHEAD_BYTES:
+            text = (
+                f"The result is {payload.nbytes:,} bytes pickled: over the message size limit "
+                f"of {self._max_bytes:,} bytes ($PILOT_MAX_MESSAGE_BYTES). Return less, or "
+                "write big results to files under pilot.output_dir() (they travel apart)."
+            )
+            return self._fail(a, S.UNPICKLABLE, text, t0, show_tb=False)
         return TaskResult(
             a.job_id, a.index, a.attempt, S.OK, payload, "", _since(t0), files=tuple(files)
         )
@@ -365,7 +377,13 @@ def main(argv: list[str]) -> None:
     blender = None
     if os.environ.get("PILOT_BLENDER_PATH"):  # the Blender the worker found and probed
         blender = BlenderInfo(os.environ["PILOT_BLENDER_PATH"], os.environ["PILOT_BLENDER_VERSION"])
-    _TaskProcess(url, identity, control, files, blender).serve()
+    # The worker's message size limit, set by its pool; the output budget per task, from the
+    # worker's environment.
+    limits = (
+        int(os.environ.get("PILOT_MAX_MESSAGE_BYTES") or 1 << 30),
+        int(os.environ.get("PILOT_OUTPUT_BUDGET_BYTES") or OUTPUT_BUDGET_BYTES),
+    )
+    _TaskProcess(url, identity, control, files, blender, limits).serve()
     os._exit(0)  # daemon threads and inherited fds: leave without ceremony
 
 

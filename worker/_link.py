@@ -1,8 +1,9 @@
 """The worker's link to its gateway: one DEALER socket, signed messages, a fresh one to reconnect.
 
 ``connect()`` opens a DEALER whose identity is the worker's name (no inbound port: a worker can
-sit behind NAT) and says hello (``hello()`` builds the ``WorkerHello``: the worker's resources
-and the attempts it holds now, so a gateway that restarted adopts them). Each message received
+sit behind NAT; a CURVE client with the worker key pair when the gateway is secure) and says
+hello (``hello()`` builds the ``WorkerHello``: the worker's resources and the attempts it holds
+now, so a gateway that restarted adopts them). Each message received
 is decoded (one that does not verify is logged and dropped) and handed to ``on_message(msg)``;
 each turn of reading ends with ``end_turn()``, where the worker dispatches and reports.
 
@@ -20,7 +21,14 @@ from typing import Any
 
 import zmq
 
-from gateway.protocol import Codec, Drain, WorkerHello, WorkerSettings, send_frames
+from gateway.protocol import (
+    Codec,
+    Drain,
+    WorkerHello,
+    WorkerSettings,
+    curve_client,
+    send_frames,
+)
 
 __all__ = ["RECONNECT_MAX_S", "GatewayLink"]
 
@@ -71,7 +79,13 @@ class GatewayLink:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(RECONNECT_MAX_S * 1000))
-        sock.connect(self._settings.connection.worker_url)
+        info = self._settings.connection
+        if info.secure:  # CurveZMQ: the gateway's public key and the worker key pair
+            curve_client(sock, info.server_key, info.worker_keys())
+        # A handshake the gateway refused (keys, or encryption on one side only) leaves no
+        # connection to queue on: never block a send then (else it queues, without limit).
+        sock.setsockopt(zmq.SNDTIMEO, 0)
+        sock.connect(info.worker_url)
         self._sock = sock
         self._drain = Drain(sock, self._received, self._end_turn)
         self._last_heard = time.monotonic()
@@ -85,7 +99,11 @@ class GatewayLink:
         """Sign and send ``msg``. Raises ``RuntimeError`` before ``connect()``."""
         if self._sock is None:
             raise RuntimeError("the gateway link is not connected")
-        send_frames(self._sock, self._codec.encode(msg))
+        try:
+            send_frames(self._sock, self._codec.encode(msg))
+        except zmq.Again:  # the gateway refused our handshake: we reconnect when it is silent
+            log.debug("%s not sent: the gateway did not accept this worker", type(msg).__name__)
+            return
         if self._drain is not None:
             # A send can swallow the socket's read edge (a message that arrived meanwhile
             # would then wait for a reconnect): sends from outside a turn (heartbeats,

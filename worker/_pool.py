@@ -77,7 +77,9 @@ class TaskPool:
     ) -> None:
         self.size = size
         self._on_exit = on_exit
-        self._env = env
+        # The task processes learn the size limit here: a result over it fails its task there.
+        self._env = {**(env if env is not None else os.environ)}
+        self._env["PILOT_MAX_MESSAGE_BYTES"] = str(max_message_bytes)
         self._codec = Codec(None, max_message_bytes=max_message_bytes)
         self._drain: Drain | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="pilot-worker-"))

@@ -12,6 +12,10 @@ and a start reported a few milliseconds late changes nothing (its timeout, if it
 few milliseconds longer). A start that waited that long is sent on its own, by a timer that
 calls ``wake()`` (the worker's end of turn).
 
+Outputs travel in messages of about ``OUTPUTS_MESSAGE_BYTES`` at most: a task that prints fast
+(up to its output budget, ``worker._capture``) makes several modest messages in a turn, not one
+that could pass the message size limit.
+
 While the worker is not registered (reconnecting) nothing is sent: reports accumulate and go
 with the first flush after the gateway welcomed it again. Owned by the worker's event loop.
 """
@@ -34,7 +38,9 @@ from gateway.protocol import (
     TasksStarted,
 )
 
-__all__ = ["Reports"]
+__all__ = ["OUTPUTS_MESSAGE_BYTES", "Reports"]
+
+OUTPUTS_MESSAGE_BYTES = 1 << 20
 
 
 class Reports:
@@ -74,7 +80,16 @@ class Reports:
         still wait (see the module docstring) stay unless ``force``. Call only while the
         gateway knows this worker."""
         if self._outputs:
-            self._send(Outputs(tuple(self._outputs)))
+            batch: list[Output] = []
+            size = 0
+            for out in self._outputs:
+                n = len(out.data) if isinstance(out.data, bytes) else 1024
+                if batch and size + n > OUTPUTS_MESSAGE_BYTES:
+                    self._send(Outputs(tuple(batch)))
+                    batch, size = [], 0
+                batch.append(out)
+                size += n
+            self._send(Outputs(tuple(batch)))
             self._outputs.clear()
         started: tuple[TaskAttempt, ...] = ()
         if self._started:

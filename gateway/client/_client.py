@@ -59,6 +59,7 @@ from gateway.protocol import (
     Timeouts,
     VersionMismatch,
     Welcome,
+    curve_client,
     error_for,
     send_frames,
 )
@@ -117,14 +118,19 @@ class AsyncClient:
 
     async def start(self) -> AsyncClient:
         """Connect and wait for the gateway's welcome. Raises ``NoGateway`` after
-        ``timeouts.request_s`` without one."""
+        ``timeouts.request_s`` without one; ``ConfigError`` for a file without client keys."""
+        info = self.connection
+        keys = info.client_keys() if info.secure else None  # raises before a socket exists
         sock = self._sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(self.connection.client_url)
+        if keys is not None:  # CurveZMQ: the gateway's public key and this user's key pair
+            curve_client(sock, info.server_key, keys)
+        sock.setsockopt(zmq.SNDTIMEO, 0)  # a refused handshake leaves nothing to queue on
+        sock.connect(info.client_url)
         self._drain = Drain(sock, self._receive, self._end_turn)
         self._tasks.add(asyncio.get_running_loop().create_task(self._heartbeat()))
         self._send(ClientHello(self.name, os.getpid()))
@@ -135,7 +141,7 @@ class AsyncClient:
             raise NoGateway(
                 f"No gateway answered at {self.connection.client_url} within "
                 f"{self.timeouts.request_s:.0f}s. Start one with `pilot up`, or check the "
-                "address and that its key matches."
+                "address and its keys (a secure gateway does not answer keys it does not know)."
             ) from None
         if self._refused is not None:
             await self.close()
@@ -167,7 +173,10 @@ class AsyncClient:
 
     def _send(self, msg: Any) -> str:
         assert self._sock is not None
-        send_frames(self._sock, self._codec.encode(msg))
+        try:
+            send_frames(self._sock, self._codec.encode(msg))
+        except zmq.Again:  # a gateway that refused our handshake: nothing is waited on
+            log.debug("%s not sent: the gateway did not accept this client", type(msg).__name__)
         if self._drain is not None:
             self._drain.kick()
         return self._codec.last_msg_id

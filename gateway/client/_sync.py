@@ -313,8 +313,8 @@ class Client:
         ship: Sequence[str | Path] = (),
         results: str = "",
     ) -> JobData | None:
-        """A job's ``JobData``: datasets listed now (``DataError`` if that fails), files
-        shipped now (once per content), where result files go. None when there is nothing."""
+        """A job's ``JobData``: datasets listed now (``DataError`` if that fails), files shipped
+        now (once per content), where result files go. None when there is nothing."""
         shipped = self.ship(ship) if ship else []
         return build_job_data(
             data,
@@ -324,6 +324,7 @@ class Client:
             storage_options=storage_options,
             ship=shipped,
             results_url=results,
+            secure=self.connection.secure,  # secrets travel only encrypted
         )
 
     def ship(self, paths: Sequence[str | Path]) -> list[ShippedFile]:
@@ -368,9 +369,7 @@ class Client:
         """Block until ``n`` workers are connected. Raises ``PilotTimeout``."""
         reply = self.status(wait_workers=n, timeout=timeout)
         if len(reply.workers) < n:
-            raise PilotTimeout(
-                f"Only {len(reply.workers)} of {n} workers connected after {timeout}s."
-            )
+            raise PilotTimeout(f"{len(reply.workers)} of {n} workers connected after {timeout}s.")
         return reply
 
     def jobs(self, limit: int = 50) -> list[JobInfo]:

@@ -3,13 +3,21 @@
 Typed messages and records (``_messages``), framing and signing (``_wire``), socket draining
 (``_drain``), serialization (``_serialize``), the error tree (``_errors``), settings and the
 connection file (``_settings``), cells as functions (``_cell``) and data references
-(``_dataref``, ``_jobdata``). Nothing here imports the server or the client.
+(``_dataref``, ``_jobdata``), CurveZMQ keys and socket options (``_curve``). Nothing here
+imports the server or the client.
 """
 
 from __future__ import annotations
 
 from gateway.protocol._cell import (
     CellFunction,
+)
+from gateway.protocol._curve import (
+    ZAP_CLIENTS,
+    ZAP_WORKERS,
+    KeyPair,
+    curve_client,
+    curve_server,
 )
 from gateway.protocol._dataref import (
     MODES,
@@ -36,6 +44,7 @@ from gateway.protocol._errors import (
     MessageTooLarge,
     NoGateway,
     NotRunning,
+    NotYourJob,
     PilotError,
     PilotTimeout,
     ProtocolError,
@@ -155,6 +164,8 @@ __all__ = [
     "PROTOCOL_FRAME",
     "RECORD_TYPES",
     "VERSION",
+    "ZAP_CLIENTS",
+    "ZAP_WORKERS",
     "Assign",
     "Assignment",
     "AttachJob",
@@ -195,11 +206,13 @@ __all__ = [
     "JobUpdate",
     "JobsQuery",
     "JobsReply",
+    "KeyPair",
     "LogsQuery",
     "LogsReply",
     "MessageTooLarge",
     "NoGateway",
     "NotRunning",
+    "NotYourJob",
     "Output",
     "OutputKind",
     "Outputs",
@@ -244,6 +257,8 @@ __all__ = [
     "WorkerInfo",
     "WorkerSettings",
     "build_job_data",
+    "curve_client",
+    "curve_server",
     "default_home",
     "digest_of",
     "dumps",

@@ -22,6 +22,7 @@ more specific one, or logs it with its traceback.
      │    ├── JobCancelled          the job was cancelled
      │    └── Unschedulable         no connected worker can ever run the job
      ├── JobNotFound            no job with that id in the gateway's state
+     ├── NotYourJob             the job belongs to another user of the gateway
      ├── NotRunning             the task asked for is not running
      ├── StoreUnavailable       the gateway cannot write its state: it takes no new work
      └── PilotTimeout           a wait ran past its deadline (also a TimeoutError)
@@ -47,6 +48,7 @@ __all__ = [
     "MessageTooLarge",
     "NoGateway",
     "NotRunning",
+    "NotYourJob",
     "PilotError",
     "PilotTimeout",
     "ProtocolError",
@@ -161,6 +163,11 @@ class JobNotFound(PilotError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NotYourJob(PilotError):
+    """The job belongs to another user of a secure gateway: a user sees, attaches to, reads
+    the logs of and cancels only their own jobs (the admin sees all)."""
+
+
 class PilotTimeout(PilotError, TimeoutError):
     """A wait ran past its deadline."""
 
@@ -182,6 +189,8 @@ class ErrorCode(enum.IntEnum):
     NOT_RUNNING = 2
     STORE_UNAVAILABLE = 3
     BAD_REQUEST = 4
+    NOT_YOURS = 5
+    UNKNOWN_USER = 6
 
 
 #: The one table from codes to the error tree.
@@ -191,6 +200,8 @@ ERRORS: dict[ErrorCode, type[PilotError]] = {
     ErrorCode.NOT_RUNNING: NotRunning,
     ErrorCode.STORE_UNAVAILABLE: StoreUnavailable,
     ErrorCode.BAD_REQUEST: ConfigError,
+    ErrorCode.NOT_YOURS: NotYourJob,
+    ErrorCode.UNKNOWN_USER: AuthenticationError,
 }
 
 

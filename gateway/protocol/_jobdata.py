@@ -11,8 +11,9 @@ user's options; it travels typed in ``JobSpec.data`` and ``Assignment.data``:
   the worker in the task's working directory under the same relative path;
 - ``results_url``: where result files go (``""``: the gateway's blob store; else fsspec).
 
-Secrets are never pickled into a job: storage options that hold one are refused (there is no
-encrypted connection to carry them); workers use their own credentials.
+Storage options that hold a secret travel in a job only over an encrypted connection (a
+``--secure`` gateway: ``secure=True``); elsewhere they are refused and workers use their own
+credentials. The gateway keeps such secrets in memory only (``docs/security.md``).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def build_job_data(
     storage_options: Mapping[str, Any] | None = None,
     ship: Sequence[ShippedFile] = (),
     results_url: str = "",
+    secure: bool = False,
 ) -> JobData | None:
     """A job's ``JobData``, or None when it reads and writes nothing besides its arguments.
 
     Every dataset is resolved now: a missing bucket or object, no permission, or a backend that
     is not installed fails here, before any task starts (``DataError``). Storage options that
-    hold a secret are refused (``ConfigError``): nothing encrypts a job on its way.
+    hold a secret are refused (``ConfigError``) unless ``secure``: the connection to the
+    gateway, and the gateway's to its workers, are encrypted.
     """
     refs = []
     for name, url in (data or {}).items():
@@ -52,11 +55,11 @@ def build_job_data(
             if isinstance(url, DataRef)
             else resolve(name, url, mode=mode, storage_options=dict(storage_options or {}) or None)
         )
-        if ref.has_secrets:
+        if ref.has_secrets and not secure:
             raise ConfigError(
-                f"--data {name}: the storage options hold a secret, and a job is not the "
-                "place for one (nothing encrypts it on the way). Give the workers their "
-                "own credentials instead (AWS_* variables, ~/.aws, fsspec config)."
+                f"--data {name}: the storage options hold a secret, and this gateway does not "
+                "encrypt (start it with --secure to send secrets with a job). Or give the "
+                "workers their own credentials (AWS_* variables, ~/.aws, fsspec config)."
             )
         refs.append(ref)
     if not (refs or ship or results_url):

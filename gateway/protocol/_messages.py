@@ -430,6 +430,7 @@ class JobInfo:
     error: str = ""
     queued: int = 0  # tasks waiting in the gateway's queue (live jobs; for adaptive scaling)
     resources: Resources = Resources()  # what each task needs
+    owner: str = ""  # the user who submitted it (a secure gateway's; "admin" otherwise)
 
 
 # -- messages -------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ variables, the connection file) and passed down. Nothing below this module reads
 ``os.environ``.
 
 The connection file (``$PILOT_HOME/connection.json``, mode 0600) is written by the gateway once
-its sockets are bound; every client and local worker finds the gateway through it.
+its sockets are bound; every client and local worker finds the gateway through it. A secure
+gateway's file also holds its public key and the admin's key pairs; ``pilot user add`` writes
+one per user (see ``docs/security.md``). Readers ignore fields they do not know.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gateway.protocol._curve import KeyPair
 from gateway.protocol._errors import ConfigError, NoGateway
 from gateway.protocol._policy import SchedulingPolicy
 
@@ -63,14 +66,55 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
-    """How to reach a gateway: its endpoints and the signing key."""
+    """How to reach a gateway: its endpoints and the signing key; for a secure gateway also
+    its public key (``server_key``) and whose credentials these are: ``user`` and a client key
+    pair (a user's or the admin's), a worker key pair, or both (the admin's file). Secrets
+    stay out of ``repr``."""
 
     client_url: str
     worker_url: str
-    key: str
+    key: str = field(repr=False)
     http_url: str = ""
     gateway_id: str = ""
     pid: int = 0
+    server_key: str = ""  # the gateway's CURVE public key; "": the gateway does not encrypt
+    user: str = ""  # "admin", a user's name, or "" (an insecure gateway: everyone is admin)
+    public_key: str = ""  # the client key pair (submits, lists, attaches)
+    secret_key: str = field(default="", repr=False)
+    worker_public_key: str = ""  # the worker key pair (registers as a worker)
+    worker_secret_key: str = field(default="", repr=False)
+
+    @property
+    def secure(self) -> bool:
+        """Whether the gateway encrypts (CurveZMQ) its sockets."""
+        return bool(self.server_key)
+
+    def client_keys(self) -> KeyPair:
+        """The client key pair. Raises ``ConfigError`` where this file has none (a worker's
+        credentials cannot submit jobs)."""
+        if not (self.public_key and self.secret_key):
+            raise ConfigError(
+                "This connection file holds no client credentials (a worker's file cannot "
+                "submit jobs): use your own (`pilot user add NAME` on the gateway's machine "
+                "writes one) or the admin's connection.json."
+            )
+        return KeyPair(self.public_key, self.secret_key)
+
+    def worker_keys(self) -> KeyPair:
+        """The worker key pair. Raises ``ConfigError`` where this file has none (a user's
+        credentials cannot register a worker)."""
+        if not (self.worker_public_key and self.worker_secret_key):
+            raise ConfigError(
+                "This connection file holds no worker credentials (a user's file cannot "
+                "register a worker): use the admin's connection.json, or one that `pilot user "
+                "add NAME --worker` wrote on the gateway's machine."
+            )
+        return KeyPair(self.worker_public_key, self.worker_secret_key)
+
+    def public(self) -> dict[str, Any]:
+        """The fields without the secrets (what may be printed)."""
+        hidden = ("key", "secret_key", "worker_secret_key")
+        return {k: ("***" if k in hidden and v else v) for k, v in asdict(self).items()}
 
     @classmethod
     def from_url(cls, url: str, key: str) -> ConnectionInfo:
@@ -126,10 +170,10 @@ def find_connection(
     text = str(target)
     if text.startswith(("tcp://", "ipc://")):
         key = env.get("PILOT_KEY")
-        if not key:
-            local = default_home(env) / CONNECTION_FILE_NAME
-            if local.exists():
-                key = ConnectionInfo.load(local).key
+        local = default_home(env) / CONNECTION_FILE_NAME
+        if local.exists():  # its key, and a secure gateway's keys, for another address
+            known = ConnectionInfo.load(local)
+            return replace(known, client_url=text, worker_url=text, key=key or known.key)
         if not key:
             raise ConfigError(
                 f"To connect to {text} the gateway's key is needed: set PILOT_KEY, or copy the "
@@ -155,6 +199,8 @@ class GatewaySettings:
     outputs_kept_bytes: int = 1 << 20  # per task, for `pilot logs` and re-attach
     inline_result_bytes: int = 1 << 20  # larger results go to the blob store
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # CurveZMQ on both sockets, users and owners; keys and users live in ``state_dir``
+    secure: bool = False
 
     def with_(self, **changes: Any) -> GatewaySettings:
         return replace(self, **changes)
@@ -183,3 +229,5 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1 (got {self.slots}).")
+        if self.connection.secure:
+            self.connection.worker_keys()  # raises: a user's file cannot register a worker

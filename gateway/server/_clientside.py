@@ -8,6 +8,12 @@ to their worker), and the leases that end a remote session whose client died.
 
 While the store cannot write (``store.healthy`` is false), new work is refused with
 ``ErrorCode.STORE_UNAVAILABLE``: nothing is accepted that could not be made durable.
+
+Ownership: each message comes with its sender's ``Principal`` (the gateway's, from the CURVE
+key; the admin on an insecure gateway). A job records who submitted it; a user lists (jobs,
+status), attaches to, reads the logs of, cancels and talks to (sessions) only their own jobs,
+and another's gets ``ErrorCode.NOT_YOURS`` and none of its data; the admin sees every job.
+Dataset secrets are accepted only by a secure gateway (``_secrets``).
 """
 
 from __future__ import annotations
@@ -51,14 +57,19 @@ from gateway.protocol import (
     WorkerInfo,
 )
 from gateway.server import _scheduler as sch
+from gateway.server._auth import REMOVED
 from gateway.server._instructions import Executor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import JobRecord, Registry
+from gateway.server._secrets import has_secrets
 from gateway.server._state import StateStore
+from gateway.server._users import ADMIN, Principal
 
 __all__ = ["ClientHandler"]
 
 log = logging.getLogger("pilot.gateway")
+
+ANYONE = Principal(ADMIN, admin=True)
 
 
 class ClientHandler:
@@ -85,9 +96,9 @@ class ClientHandler:
         self._counters = counters
         self._codecs = codecs
         self._seen: dict[bytes, float] = {}  # client -> last heard (leases)
-        self._status_waiters: list[tuple[bytes, str, StatusQuery, float]] = []
+        self._status_waiters: list[tuple[bytes, str, StatusQuery, float, Principal]] = []
 
-    def handle(self, ident: bytes, msg_id: str, msg: Any) -> None:
+    def handle(self, ident: bytes, msg_id: str, msg: Any, who: Principal = ANYONE) -> None:
         self._seen[ident] = time.monotonic()
         out = self._outbox
         match msg:
@@ -97,26 +108,32 @@ class ClientHandler:
                     ident, Welcome(self._gateway_id, t.heartbeat_interval_s, t.heartbeat_timeout_s)
                 )
             case Submit():
-                self._submit(ident, msg_id, msg)
+                self._submit(ident, msg_id, msg, who)
             case CancelJob(job_id=job_id):
-                self._executor.handle(sch.JobCancel(job_id, time.monotonic()))
+                if self._mine(ident, msg_id, job_id, who):
+                    self._executor.handle(sch.JobCancel(job_id, time.monotonic()))
             case AttachJob():
-                self._attach(ident, msg_id, msg)
+                self._attach(ident, msg_id, msg, who)
             case StatusQuery():
                 deadline = time.monotonic() + max(0.0, msg.timeout_s)
-                self._status_waiters.append((ident, msg_id, msg, deadline))
+                self._status_waiters.append((ident, msg_id, msg, deadline, who))
                 self.answer_status_waiters()
             case JobsQuery(limit=limit):
-                out.client(ident, JobsReply(tuple(self._store.jobs(limit)), msg_id))
+                jobs = self._store.jobs(limit, owner=None if who.admin else who.name)
+                out.client(ident, JobsReply(tuple(jobs), msg_id))
             case LogsQuery(job_id=job_id, index=index):
                 self._store.flush()
                 if self._store.job_spec(job_id) is None and job_id not in self._registry.jobs:
                     out.client(ident, _not_found(msg_id, job_id))
                     return
-                out.client(ident, LogsReply(tuple(self._store.outputs(job_id, index)), msg_id))
+                if self._mine(ident, msg_id, job_id, who):
+                    outputs = tuple(self._store.outputs(job_id, index))
+                    out.client(ident, LogsReply(outputs, msg_id))
             case PutBlob() | GetBlob():
                 out.client(ident, self.blob(msg_id, msg))
             case RunCell() | InputReply() | InterruptTask():
+                if not self._mine(ident, msg_id, msg.job_id, who):
+                    return
                 worker = self._scheduler.worker_of(msg.job_id, msg.index)
                 if worker is None:
                     text = f"Task {msg.job_id}[{msg.index}] is not running."
@@ -129,6 +146,10 @@ class ClientHandler:
                     if job.spec.lease and job.owner == ident:
                         self._executor.handle(sch.JobCancel(job_id, time.monotonic()))
                 self._seen.pop(ident, None)
+
+    def removed(self, ident: bytes, msg_id: str, msg: Any, who: None = None) -> None:
+        """A message from a user removed since they connected: refused, with the reason."""
+        self._outbox.client(ident, ErrorReply(msg_id, REMOVED, ErrorCode.UNKNOWN_USER))
 
     def blob(self, msg_id: str, msg: PutBlob | GetBlob) -> BlobReply:
         """Store or fetch a blob (functions, shipped files, result files) for any peer."""
@@ -152,7 +173,24 @@ class ClientHandler:
             return False, "content does not match digest"
         return True, ""
 
-    def _submit(self, ident: bytes, msg_id: str, msg: Submit) -> None:
+    def _mine(self, ident: bytes, msg_id: str, job_id: str, who: Principal) -> bool:
+        """Whether ``who`` may see job ``job_id`` (theirs, or they are the admin, or there is
+        no such job: the caller says so). If not, the client is told, and nothing else."""
+        if who.admin:
+            return True
+        live = self._registry.jobs.get(job_id)
+        owner = live.user if live is not None else self._store.job_owner(job_id)
+        if owner is None or owner == who.name:
+            return True
+        self._counters["not_yours"] += 1
+        text = (
+            f"Job {job_id} is not yours: it belongs to another user of this gateway. You can "
+            "list, attach to, read the logs of and cancel your own jobs only."
+        )
+        self._outbox.client(ident, ErrorReply(msg_id, text, ErrorCode.NOT_YOURS))
+        return False
+
+    def _submit(self, ident: bytes, msg_id: str, msg: Submit, who: Principal) -> None:
         if not self._store.healthy:
             text = (
                 "The gateway cannot write its state right now (see its log: a full disk?); it "
@@ -179,18 +217,25 @@ class ClientHandler:
         for spec, args in zip(msg.jobs, msg.tasks, strict=True):
             if spec.job_id in self._registry.jobs or spec.job_id in stored:
                 continue  # a re-sent submit after a reconnect: already have it
+            if not self._settings.secure and has_secrets(spec):  # a client that did not check
+                text = "Dataset secrets travel only to a gateway started with --secure."
+                self._outbox.client(ident, ErrorReply(spec.job_id, text, ErrorCode.BAD_REQUEST))
+                continue
             wall = time.time()
-            self._store.add_job(spec, args, wall)
-            self._registry.add(JobRecord(spec, dict(enumerate(args)), {ident}, wall, owner=ident))
+            self._store.add_job(spec, args, wall, owner=who.name)
+            job = JobRecord(spec, dict(enumerate(args)), {ident}, wall, owner=ident, user=who.name)
+            self._registry.add(job)
             self._executor.handle(job_added(spec, now, self._settings))
         self._outbox.ack(ident, [s.job_id for s in msg.jobs])
         self._counters["jobs_submitted"] += len(msg.jobs)
 
-    def _attach(self, ident: bytes, msg_id: str, msg: AttachJob) -> None:
+    def _attach(self, ident: bytes, msg_id: str, msg: AttachJob, who: Principal) -> None:
         self._store.flush()
         found = self._store.job_spec(msg.job_id)
         if found is None:
             self._outbox.client(ident, _not_found(msg_id, msg.job_id))
+            return
+        if not self._mine(ident, msg_id, msg.job_id, who):
             return
         spec, state, error = found
         job = self._registry.jobs.get(msg.job_id)
@@ -212,14 +257,15 @@ class ClientHandler:
             return
         now = time.monotonic()
         keep = []
-        for ident, msg_id, q, deadline in self._status_waiters:
+        for ident, msg_id, q, deadline, who in self._status_waiters:
             if len(self._registry.workers) >= q.wait_workers or now >= deadline:
-                self._outbox.client(ident, self.status_reply(msg_id))
+                self._outbox.client(ident, self.status_reply(msg_id, who))
             else:
-                keep.append((ident, msg_id, q, deadline))
+                keep.append((ident, msg_id, q, deadline, who))
         self._status_waiters = keep
 
-    def status_reply(self, request_id: str = "") -> StatusReply:
+    def status_reply(self, request_id: str = "", who: Principal = ANYONE) -> StatusReply:
+        """Workers, live jobs (``who``'s only, unless the admin) and counters now."""
         now = time.monotonic()
         workers = tuple(
             WorkerInfo(
@@ -238,6 +284,8 @@ class ClientHandler:
         )
         jobs = []
         for job_id, j in self._registry.jobs.items():
+            if not (who.admin or j.user == who.name):
+                continue
             state, done, failed = self._scheduler.job_progress(job_id)
             jobs.append(
                 JobInfo(
@@ -250,6 +298,7 @@ class ClientHandler:
                     j.created,
                     queued=self._scheduler.job_queued(job_id),
                     resources=j.spec.resources,
+                    owner=j.user,
                 )
             )
         counters = dict(self._counters)

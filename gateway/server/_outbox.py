@@ -5,7 +5,8 @@ and ``Gateway._end_turn`` calls ``send`` once the turn's rows are committed. Sen
 
 - workers first (an assignment is on the critical path, an acknowledgement is not): per worker
   what was queued for it, then one ``Assign`` and one ``CancelTasks``;
-- then clients: one ``Outputs`` and one ``TaskEvents`` per client per turn, then the rest, with
+- then clients: ``Outputs`` (one per client per turn, or one per ``OUTPUTS_MESSAGE_BYTES`` of
+  them) and one ``TaskEvents`` per client per turn, then the rest, with
   job ends folded into the ``TaskEvents`` before them (``coalesce``); ``Submitted``
   acknowledgements ride on the next message to that client, or leave on the next tick.
 
@@ -40,6 +41,8 @@ from gateway.protocol import (
 )
 
 __all__ = ["UNSTORED_OK", "Outbox", "coalesce"]
+
+OUTPUTS_MESSAGE_BYTES = 1 << 20  # outputs per message to a client, about
 
 #: Messages that may leave in a turn whose commit failed: none reports stored state.
 UNSTORED_OK = (Welcome, Refused, ErrorReply, StatusReply, JobsReply, Heartbeat)
@@ -123,7 +126,7 @@ class Outbox:
         for ident, done in self._done.items():
             self.to_clients[ident].insert(0, TaskEvents(tuple(done)))
         for ident, outs in self._outputs.items():
-            self.to_clients[ident].insert(0, Outputs(tuple(outs)))
+            self.to_clients[ident][:0] = _batches(outs)
         self._done.clear()
         self._outputs.clear()
 
@@ -144,6 +147,22 @@ class Outbox:
                 else:
                     keep.append(msg)
             self.to_workers[name] = keep
+
+
+def _batches(outs: list[Output]) -> list[Outputs]:
+    """``outs`` in order, in messages of about ``OUTPUTS_MESSAGE_BYTES`` at most."""
+    batches: list[Outputs] = []
+    batch: list[Output] = []
+    size = 0
+    for out in outs:
+        n = len(out.data) if isinstance(out.data, bytes) else 1024
+        if batch and size + n > OUTPUTS_MESSAGE_BYTES:
+            batches.append(Outputs(tuple(batch)))
+            batch, size = [], 0
+        batch.append(out)
+        size += n
+    batches.append(Outputs(tuple(batch)))
+    return batches
 
 
 def coalesce(msgs: list[Any]) -> list[Any]:

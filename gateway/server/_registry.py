@@ -28,7 +28,8 @@ class JobRecord:
     args: dict[int, Payload]  # unsettled tasks' arguments in memory (see ARGS_KEPT)
     subscribers: set[bytes]
     created: float
-    owner: bytes | None = None  # the submitting client
+    owner: bytes | None = None  # the submitting client (its socket identity)
+    user: str = ""  # the user who submitted it (``Principal.name``): who may see it
     kept_bytes: dict[int, int] = field(default_factory=dict)  # outputs kept per task
     stored_items: dict[int, set[int]] = field(default_factory=dict)  # task -> frames stored
     checkpoint: FileRef | None = None  # a training job's latest checkpoint in the blob store

@@ -8,7 +8,11 @@ Parts, each owning its state and built from what it uses: the ``Registry`` (job 
 records), the ``Scheduler`` (a pure state machine that alone owns job and task state), the
 ``StateStore`` (SQLite and the blob store), the ``Outbox`` (what a turn sends), the
 ``Executor`` (carries out the scheduler's instructions), the ``ClientHandler`` and the
-``WorkerHandler`` (one per socket).
+``WorkerHandler`` (one per socket). A secure gateway (``settings.secure``) also has its
+``Gatekeeper`` (``_auth``: its keys, its users and the ZAP handler that checks each handshake),
+which names the sender of each message (a ``Principal``: whose jobs it may see) before it is
+handled; a removed user's or worker's next message is refused. Everyone is the admin when the
+gateway does not encrypt.
 
 A loop turn drains every message waiting on a socket, feeds the handlers, commits the state
 (group commit), and only then sends what the turn produced, workers first: a result reaches a
@@ -36,6 +40,8 @@ from zmq.utils.monitor import parse_monitor_message
 from gateway.protocol import (
     FROM_CLIENT,
     FROM_WORKER,
+    ZAP_CLIENTS,
+    ZAP_WORKERS,
     Codec,
     ConnectionInfo,
     Drain,
@@ -46,18 +52,23 @@ from gateway.protocol import (
     PilotError,
     ProtocolError,
     Refused,
+    Status,
     StatusReply,
     TaskAttempt,
     VersionMismatch,
+    curve_server,
     send_frames,
 )
 from gateway.server import _scheduler as sch
+from gateway.server._auth import Gatekeeper
 from gateway.server._blobs import BlobStore
 from gateway.server._clientside import ClientHandler, job_added
 from gateway.server._instructions import Executor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import JobRecord, Registry
+from gateway.server._secrets import LOST_SECRETS, lost_secrets
 from gateway.server._state import StateStore
+from gateway.server._users import ADMIN, Principal
 from gateway.server._workerside import WorkerHandler
 
 __all__ = ["Gateway"]
@@ -65,6 +76,7 @@ __all__ = ["Gateway"]
 log = logging.getLogger("pilot.gateway")
 
 TICK_S = 0.2
+EVERYONE = Principal(ADMIN, admin=True)  # who sends what an insecure gateway receives
 GC_YOUNG_OBJECTS = 20_000  # allocations between collections of the youngest generation
 
 
@@ -98,6 +110,7 @@ class Gateway:
         self._group: asyncio.TaskGroup | None = None
         self._stop_event = asyncio.Event()
         self._http: Any = None
+        self.gate: Gatekeeper | None = None  # a secure gateway's keys and users
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -138,8 +151,10 @@ class Gateway:
             self.clients.answer_status_waiters,
             self.counters,
         )
-        self._clients_sock = self._bind(s.client_port)
-        self._workers_sock = self._bind(s.worker_port, handover=True)
+        if s.secure:  # the ZAP handler first: libzmq lets any key in while none is bound
+            self.gate = Gatekeeper(self._ctx, s.state_dir, self.counters)
+        self._clients_sock = self._bind(s.client_port, ZAP_CLIENTS)
+        self._workers_sock = self._bind(s.worker_port, ZAP_WORKERS, handover=True)
         client_url = self._clients_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         worker_url = self._workers_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         http_url = await self._start_http()
@@ -151,6 +166,7 @@ class Gateway:
             http_url=http_url,
             gateway_id=self.gateway_id,
             pid=os.getpid(),
+            **(self.gate.connection_fields() if self.gate is not None else {}),
         )
         if s.connection_file is not None:
             self.connection.save(s.connection_file)
@@ -190,6 +206,8 @@ class Gateway:
         self._workers_sock.disable_monitor()
         for sock in (self._monitor, self._clients_sock, self._workers_sock):
             sock.close(linger=0)
+        if self.gate is not None:
+            self.gate.stop()
         self._ctx.term()
 
     def _remove_connection_file(self) -> None:
@@ -214,7 +232,7 @@ class Gateway:
         """Workers, live jobs and counters now (for the HTTP status API)."""
         return self.clients.status_reply()
 
-    def _bind(self, port: int, handover: bool = False) -> zmq.Socket[Any]:
+    def _bind(self, port: int, domain: str, handover: bool = False) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop: a ROUTER drops silently at the HWM
@@ -224,6 +242,8 @@ class Gateway:
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes + 4096)
         if handover:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.gate is not None:
+            curve_server(sock, self.gate.keys.server, domain)
         sock.bind(f"tcp://{self.settings.bind}:{port}")
         return sock
 
@@ -240,7 +260,11 @@ class Gateway:
         now = time.monotonic()
         for u in self.store.unfinished_jobs():
             spec = u.spec
-            record = JobRecord(spec, {}, set(), u.created)
+            if lost_secrets(spec):  # they were in the memory of the gateway that stopped
+                self.store.job_settled(spec.job_id, Status.FAILED, LOST_SECRETS, len(u.settled), 0)
+                log.warning("job %s failed: %s", spec.job_id, LOST_SECRETS)
+                continue
+            record = JobRecord(spec, {}, set(), u.created, user=u.owner)
             self.registry.add(record)
             if spec.kind in (JobKind.RENDER, JobKind.DDP):  # frames and checkpoints stored
                 for out in self.store.outputs(spec.job_id):
@@ -265,9 +289,14 @@ class Gateway:
     # -- the loops --------------------------------------------------------------------------
 
     def _from_client(self, frames: list[zmq.Frame]) -> None:
-        self._receive(frames, self._client_codec, self.clients.handle, self._send_client)
+        who = self.gate.sender(frames, ZAP_CLIENTS) if self.gate is not None else EVERYONE
+        handle = self.clients.handle if who is not None else self.clients.removed
+        self._receive(frames, self._client_codec, handle, self._send_client, who)
 
     def _from_worker(self, frames: list[zmq.Frame]) -> None:
+        if self.gate is not None and self.gate.sender(frames, ZAP_WORKERS) is None:
+            self.workers.removed(frames[0].bytes)
+            return
         # The connection (its descriptor) each worker speaks on, for the socket monitor.
         self.workers.connections[frames[0].get(zmq.SRCFD)] = frames[0].bytes
         self._receive(frames, self._worker_codec, self.workers.handle, self._send_worker_ident)
@@ -280,7 +309,9 @@ class Gateway:
         if event["event"] == zmq.EVENT_DISCONNECTED:
             self.workers.disconnected(int(event["value"]))
 
-    def _receive(self, frames: list[zmq.Frame], codec: Codec, handle: Any, reply: Any) -> None:
+    def _receive(
+        self, frames: list[zmq.Frame], codec: Codec, handle: Any, reply: Any, *who: Any
+    ) -> None:
         ident = frames[0].bytes
         self.counters["bytes_in"] += sum(len(f) for f in frames)  # to show what we relay
         try:
@@ -295,7 +326,7 @@ class Gateway:
             log.warning("rejected a message from %r: %s", ident, exc)
             return
         try:
-            handle(ident, env.msg_id, env.msg)
+            handle(ident, env.msg_id, env.msg, *who)
         except Exception:
             self.counters["handler_errors"] += 1
             log.exception("error handling %s from %r", type(env.msg).__name__, ident)
@@ -313,6 +344,8 @@ class Gateway:
             self._end_turn(acks=True)
 
     def _end_turn(self, acks: bool = False) -> None:
+        if self.gate is not None:
+            self.gate.end_turn()
         durable = self.store.flush()
         if not durable:
             self.counters["commit_failures"] += 1

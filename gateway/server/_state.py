@@ -6,7 +6,7 @@ a burst of thousands of results costs one transaction. A gateway killed at any p
 from the last committed turn: ``unfinished_jobs()`` is what it resumes.
 
 Payloads (functions, task arguments, results) small enough live in the database; larger ones in
-the blob store, referenced by digest.
+the blob store, referenced by digest. Job specs are stored without secrets (``_secrets``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from gateway.protocol import (
     unpack_record,
 )
 from gateway.server._blobs import BlobStore, pack_payload, unpack_payload
+from gateway.server._secrets import for_disk
 
 __all__ = ["StateStore", "UnfinishedJob"]
 
@@ -44,7 +45,8 @@ _JOB_RUNNING = "UPDATE jobs SET state=? WHERE id=? AND state=?"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, name TEXT, n_tasks INTEGER, spec BLOB, state INTEGER, error TEXT,
-    created REAL, finished REAL, done INTEGER DEFAULT 0, failed INTEGER DEFAULT 0);
+    created REAL, finished REAL, done INTEGER DEFAULT 0, failed INTEGER DEFAULT 0,
+    owner TEXT DEFAULT '');
 CREATE TABLE IF NOT EXISTS tasks (
     job_id TEXT, idx INTEGER, args BLOB, args_ref TEXT,
     status INTEGER, value BLOB, value_ref TEXT, error TEXT, worker TEXT,
@@ -83,6 +85,7 @@ class UnfinishedJob:
     settled: tuple[int, ...]
     out: tuple[tuple[int, int, str], ...]  # (index, attempt, worker) without an outcome
     created: float = 0.0
+    owner: str = ""
 
 
 class StateStore:
@@ -120,6 +123,8 @@ class StateStore:
                 "table has no spec column): give this gateway another --state directory, or "
                 "remove that one once its jobs are no longer needed."
             )
+        if "owner" not in columns:  # a state from before jobs had owners: the admin's
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT DEFAULT ''")
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
         # jobs that started running since the last flush; a job that also ended meanwhile
         # needs one write, not two (short jobs start and end within one turn)
@@ -185,12 +190,13 @@ class StateStore:
     def _payload_from(self, raw: bytes | None, ref: str | None) -> Payload:
         return unpack_payload(raw) if raw is not None else self.blobs.get(ref or "")
 
-    def add_job(self, spec: JobSpec, args: Iterable[Payload], now: float) -> None:
-        """The job (its whole spec, every field of it) and its tasks' arguments."""
+    def add_job(self, spec: JobSpec, args: Iterable[Payload], now: float, owner: str = "") -> None:
+        """The job (its spec but secrets), who submitted it, and its tasks' arguments."""
+        packed = pack_record(for_disk(spec))
         self._later(
-            "INSERT OR IGNORE INTO jobs (id, name, n_tasks, spec, state, error, created) "
-            "VALUES (?,?,?,?,?,?,?)",
-            (spec.job_id, spec.name, spec.n_tasks, pack_record(spec), int(Status.QUEUED), "", now),
+            "INSERT OR IGNORE INTO jobs (id, name, n_tasks, spec, state, error, created, owner) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (spec.job_id, spec.name, spec.n_tasks, packed, int(Status.QUEUED), "", now, owner),
         )
         for i, a in enumerate(args):
             raw, ref = self._payload_columns(a)
@@ -291,11 +297,16 @@ class StateStore:
             return None
         return unpack_record(row[0]), Status(row[1]), row[2]
 
+    def job_owner(self, job_id: str) -> str | None:
+        """Who submitted the stored job ``job_id`` (None: no such job stored)."""
+        row = self._db.execute("SELECT owner FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return None if row is None else row[0] or ""
+
     def unfinished_jobs(self) -> list[UnfinishedJob]:
         out = []
-        for raw, created in self._db.execute(
+        for raw, created, owner in self._db.execute(
             # a literal bound, so that the partial index of unfinished jobs applies
-            f"SELECT spec, created FROM jobs WHERE state < {int(Status.DONE)} ORDER BY created",
+            f"SELECT spec, created, owner FROM jobs WHERE state < {int(Status.DONE)} ORDER BY 2",
         ).fetchall():
             spec: JobSpec = unpack_record(raw)
             settled = tuple(
@@ -311,7 +322,7 @@ class StateStore:
                 "WHERE b.job_id=a.job_id AND b.idx=a.idx)",
                 (spec.job_id,),
             ).fetchall()
-            out.append(UnfinishedJob(spec, settled, tuple(running), created))
+            out.append(UnfinishedJob(spec, settled, tuple(running), created, owner or ""))
         return out
 
     def settled_tasks(self, job_id: str) -> list[TaskDone]:
@@ -346,13 +357,15 @@ class StateStore:
             result.append(unpack_record(record))
         return result
 
-    def jobs(self, limit: int = 50) -> list[JobInfo]:
+    def jobs(self, limit: int = 50, owner: str | None = None) -> list[JobInfo]:
+        """The latest ``limit`` jobs, of ``owner`` only unless None."""
+        where, params = ("WHERE owner=? ", (owner, limit)) if owner is not None else ("", (limit,))
         rows = self._db.execute(
-            "SELECT id, name, state, n_tasks, done, failed, created, finished, error FROM jobs "
-            "ORDER BY created DESC LIMIT ?",
-            (limit,),
+            "SELECT id, name, state, n_tasks, done, failed, created, finished, error, owner "
+            f"FROM jobs {where}ORDER BY created DESC LIMIT ?",
+            params,
         ).fetchall()
         return [
-            JobInfo(i, n, Status(s), nt, d or 0, f or 0, c, fin or 0.0, e or "")
-            for i, n, s, nt, d, f, c, fin, e in rows
+            JobInfo(i, n, Status(s), nt, d or 0, f or 0, c, fin or 0.0, e or "", owner=o or "")
+            for i, n, s, nt, d, f, c, fin, e, o in rows
         ]

@@ -34,6 +34,7 @@ from gateway.protocol import (
     WorkerHello,
 )
 from gateway.server import _scheduler as sch
+from gateway.server._auth import REMOVED
 from gateway.server._instructions import Executor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import Registry, WorkerRecord
@@ -138,6 +139,17 @@ class WorkerHandler:
                     log.info("worker %s left", name)
                 else:
                     log.info("worker %s is draining", name)
+
+    def removed(self, ident: bytes) -> None:
+        """A message from a worker whose credentials were removed (``pilot user remove``): it
+        is refused, and sent away (its tasks go back to the queue at once)."""
+        self._send_now(ident, Refused(REMOVED, retry=False))
+        name = ident.decode(errors="replace")
+        w = self._registry.workers.get(name)
+        if w is not None and w.ident == ident:
+            del self._registry.workers[name]
+            log.warning("worker %s refused: its credentials were removed", name)
+            self._executor.handle(sch.WorkerLeft(name, time.monotonic(), TaskStatus.LOST))
 
     def disconnected(self, fd: int) -> None:
         """The connection on descriptor ``fd`` dropped (the socket monitor). Its worker is lost
