@@ -49,6 +49,12 @@ class LocalCluster:
     workers render with (``--blender``; by default ``$PILOT_BLENDER``, else ``blender`` on PATH).
     ``secure``: CurveZMQ on every socket (``pilot gateway --secure``); ``gateway_args`` are
     more options of ``pilot gateway``.
+
+    Each worker gets its share of this process's cores (CPU affinity, inherited by its task and
+    rank processes), as a machine of its own would: it counts and registers those cores, and
+    gives its training ranks ``OMP_NUM_THREADS`` from them, so N workers on one machine neither
+    count its cores N times nor start N times too many threads. With fewer cores than workers,
+    every worker sees them all.
     """
 
     def __init__(
@@ -152,7 +158,8 @@ class LocalCluster:
             *self.worker_args,
             *extra,
         ]
-        proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_ends_with_us())
+        cores = _core_share(index, self.n_workers)
+        proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_ends_with_us(cores))
         self.workers.append(proc)
         return proc
 
@@ -211,11 +218,34 @@ class LocalCluster:
             self._tmp = None
 
 
-def _ends_with_us() -> Any:
+def _ends_with_us(cores: set[int] | None = None) -> Any:
     """The gateway and workers of a local cluster get SIGTERM (and stop cleanly: workers hand
     back or finish their tasks) if the process that started them dies, even by SIGKILL: a
-    closed terminal or a killed `pilot up` leaves nothing running."""
-    return kill_with_this_thread(signal.SIGTERM)
+    closed terminal or a killed `pilot up` leaves nothing running. With ``cores``, the child
+    runs on those cores only (set before it starts, so it never counts others)."""
+    ends = kill_with_this_thread(signal.SIGTERM)
+    if not cores:
+        return ends
+
+    def preexec() -> None:
+        if ends is not None:
+            ends()
+        os.sched_setaffinity(0, cores)
+
+    return preexec
+
+
+def _core_share(index: int, workers: int) -> set[int] | None:
+    """Worker ``index``'s part of this process's cores: the cores split into ``workers``
+    contiguous parts, as even as they go (a worker added later shares with ``index % workers``).
+    None off Linux, for a single worker, or with fewer cores than workers."""
+    if not hasattr(os, "sched_getaffinity") or workers < 2:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        return None
+    part = index % workers
+    return set(cores[part * len(cores) // workers : (part + 1) * len(cores) // workers])
 
 
 def _wait_all(procs: list[Any], timeout: float) -> None:

@@ -99,6 +99,7 @@ def train_ddp(steps: int) -> dict[str, Any]:
         "state": state,
         "big": torch.arange(BIG, dtype=torch.float32) * (dist.get_rank() + 1),
         "env": {k: os.environ.get(k) for k in ENV_KEYS},
+        "cores": len(os.sched_getaffinity(0)),  # its worker's share of this machine's
     }
 
 
@@ -259,9 +260,8 @@ def test_ddp_matches_one_process_on_the_same_global_batches(trained: pilot.Job) 
 
 
 def test_ranks_get_torchruns_environment_and_tensors_come_back_whole(trained: pilot.Job) -> None:
-    cores = len(os.sched_getaffinity(0))
     for rank, value in enumerate(trained.results):
-        env = value["env"]
+        env, cores = value["env"], value["cores"]
         assert env["RANK"] == str(rank)
         assert env["WORLD_SIZE"] == "2"
         assert env["TORCHELASTIC_RESTART_COUNT"] == "0"
