@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hosts import (
     Host,
+    HostsError,
     HostsUnavailable,
     Network,
     network_fixture,  # noqa: F401 (provides the `network` fixture)
@@ -92,7 +93,10 @@ def start_gateway(host: Host, tmp: Path, *extra: str) -> ConnectionInfo:
     env = {**env_for(tmp, "gw"), "PILOT_LOG_LEVEL": "INFO"}
     with open(tmp / "gateway.log", "w") as log:
         proc = host.python_popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    line = read_line(proc, START_TIMEOUT_S)
+    try:
+        line = read_line(proc, START_TIMEOUT_S)
+    except (HostsError, TimeoutError) as exc:
+        raise AssertionError(f"{exc}; its log:\n{(tmp / 'gateway.log').read_text()}") from None
     assert line.startswith("READY "), line
     return ConnectionInfo.load(conn)
 
