@@ -160,8 +160,9 @@ def find_connection(
     """Resolve what a client should connect to.
 
     ``target`` may be a connection file path or ``tcp://HOST:PORT``; without it,
-    ``PILOT_CONNECT`` (same forms), then ``$PILOT_HOME/connection.json``. A bare URL needs the
-    key from ``PILOT_KEY`` or from the local connection file.
+    ``PILOT_CONNECT`` (same forms), then ``$PILOT_HOME/connection.json``. A bare URL takes the
+    rest from the local connection file (the key, and a secure gateway's keys), the key from
+    ``PILOT_KEY`` first.
     """
     env = os.environ if env is None else env
     target = target or env.get("PILOT_CONNECT") or None
