@@ -32,9 +32,12 @@ from gateway.protocol import (
     find_connection,
     new_key,
 )
+from pilot._dashboard_cli import add_dashboard_parsers
 from pilot._discovery import worker_connection
 from pilot._scale_cli import add_scale_parser
 from pilot._user_cli import add_user_parser
+
+__all__ = ["ConnectionInfo", "main"]
 
 STATES = {s.value: s.name.lower() for s in Status}
 
@@ -120,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("task", nargs="?", type=int, default=-1)
     logs.set_defaults(run=_logs)
 
-    add_scale_parser(sub)
-    add_user_parser(sub)
+    for add_parsers in (add_scale_parser, add_user_parser, add_dashboard_parsers):
+        add_parsers(sub)
 
     kernel = sub.add_parser("kernel", help="install the Parallel Pilot Jupyter kernel")
     ksub = kernel.add_subparsers(required=True, metavar="ACTION")
@@ -395,6 +398,3 @@ def _kernel(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["ConnectionInfo", "main"]

@@ -23,6 +23,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from gateway.client import Client, Job
 from gateway.protocol import ConfigError, DataError, PilotError, Status, find_connection
+from pilot_magics._dashboard import show_dashboard
 from pilot_magics._frames_view import RenderRun, carry_frames
 from pilot_magics._options import DistributeOptions, RenderOptions, TrainOptions, parse_options
 from pilot_magics._packaging import build_cell_function
@@ -61,7 +62,8 @@ class PilotMagics(Magics):
 
     @line_magic
     def pilot(self, line: str) -> Any:
-        """%pilot connect [FILE|tcp://HOST:PORT] | status | jobs [N] | cancel JOB | help"""
+        """%pilot connect [FILE|tcp://HOST:PORT] | status | jobs [N] | cancel JOB |
+        dashboard [link] | help"""
         words = shlex.split(line)
         command, args = (words[0], words[1:]) if words else ("help", [])
         match command:
@@ -71,6 +73,8 @@ class PilotMagics(Magics):
                 return self._status()
             case "jobs":
                 return self._jobs(int(args[0]) if args else 20)
+            case "dashboard":
+                return show_dashboard(self.client(), embed="link" not in args)
             case "cancel" if args:
                 self.client().cancel(args[0])
                 print(f"cancelled {args[0]}")
@@ -83,7 +87,7 @@ class PilotMagics(Magics):
 
     def _extra_command(self, command: str, args: list[str]) -> Any:
         raise UsageError(
-            f"Unknown %pilot command {command!r}: use connect, status, jobs, cancel JOB."
+            f"Unknown %pilot command {command!r}: use connect, status, jobs, cancel JOB, dashboard."
         )
 
     def _connect(self, target: str | None) -> None:

@@ -10,6 +10,7 @@ with a sleep.
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import pilot
+from gateway.client import dashboard_link
 from gateway.protocol import Status
 
 pytestmark = pytest.mark.system
@@ -358,8 +360,12 @@ def test_gateway_on_free_ports_with_a_worker_given_the_key(tmp_path: Path) -> No
 
         with pilot.connect(conn) as client:
             assert client.submit(pow, 2, 10).result(60) == 1024
+            login = dashboard_link(client).url  # the dashboard needs a login (a cookie)
 
-        with urllib.request.urlopen(info["http_url"] + "api/status", timeout=10) as reply:
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        browser.open(login, timeout=10)
+        with browser.open(info["http_url"] + "api/status", timeout=10) as reply:
             assert reply.headers["Content-Type"].startswith("application/json")
             page = json.loads(reply.read())
         assert page["gateway_id"] == info["gateway_id"]

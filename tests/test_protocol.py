@@ -7,6 +7,7 @@ import enum
 import hashlib
 import hmac
 import os
+import sys
 import time
 import typing
 
@@ -35,7 +36,7 @@ KEY = os.urandom(32).hex()
 
 def sample(cls: type) -> typing.Any:
     """An instance of a message or record type with a value in every field."""
-    hints = typing.get_type_hints(cls, vars(m))
+    hints = typing.get_type_hints(cls, {**vars(m), **vars(sys.modules[cls.__module__])})
     values = {}
     for f in dataclasses.fields(cls):
         values[f.name] = _value_for(hints[f.name], f.name)

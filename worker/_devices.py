@@ -14,7 +14,7 @@ import psutil
 
 from gateway.protocol import GpuInfo
 
-__all__ = ["cpu_count", "detect_gpus", "memory_bytes"]
+__all__ = ["cpu_count", "detect_gpus", "machine_load", "memory_bytes"]
 
 NVIDIA_SMI_TIMEOUT_S = 5.0
 
@@ -28,6 +28,13 @@ def cpu_count() -> int:
 
 def memory_bytes() -> int:
     return int(psutil.virtual_memory().total)
+
+
+def machine_load() -> tuple[float, int]:
+    """CPU in use (percent of all cores, since the last call) and memory in use, in bytes:
+    what a worker's heartbeat reports for the dashboard (microseconds, no sampling wait)."""
+    mem = psutil.virtual_memory()
+    return float(psutil.cpu_percent(interval=None)), int(mem.total - mem.available)
 
 
 def detect_gpus(visible: str | None = None) -> tuple[GpuInfo, ...]:

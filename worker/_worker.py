@@ -33,6 +33,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from gateway.protocol import (
 )
 from worker._blender import BlenderError, BlenderInfo, find_blender
 from worker._blobcache import BLOB_CACHE_BYTES, BlobCache
-from worker._devices import cpu_count, detect_gpus, memory_bytes
+from worker._devices import cpu_count, detect_gpus, machine_load, memory_bytes
 from worker._fetch import BlobFetcher
 from worker._link import RECONNECT_MAX_S, GatewayLink
 from worker._ranks import RankHost
@@ -88,6 +89,8 @@ class Worker:
         self.state = WorkerState.NEW
         self.gateway_id = ""
         self.gpus = detect_gpus()
+        self._beat_at = 0.0  # when our last heartbeat left (0: answered)
+        self._rtt_s = -1.0  # its round trip, reported with the next
         self.cache_dir = settings.cache_dir or Path(tempfile.mkdtemp(prefix="pilot-cache-"))
         self.blender: BlenderInfo | None = None  # found on entering
         # Completed on entering with the Blender found, before the first task process starts.
@@ -266,8 +269,9 @@ class Worker:
                 self.state = WorkerState.DRAINING if draining else WorkerState.RUNNING
                 self._welcomed.set()
                 self.fetcher.resend()  # a gateway that restarted never saw them
-            case Heartbeat():
-                pass
+            case Heartbeat():  # the answer to ours: its round trip goes in the next one
+                if self._beat_at:
+                    self._rtt_s, self._beat_at = time.monotonic() - self._beat_at, 0.0
             case Assign(tasks=tasks):
                 for a in tasks:
                     self.tasks.assign(a)
@@ -331,4 +335,6 @@ class Worker:
             else:
                 if self.state is WorkerState.RUNNING:
                     backoff = t.heartbeat_interval_s
-                self.link.send(Heartbeat(self.tasks.free_slots))
+                cpu, memory = machine_load()
+                self._beat_at = time.monotonic()
+                self.link.send(Heartbeat(self.tasks.free_slots, cpu, memory, self._rtt_s))

@@ -4,7 +4,8 @@ share.
 """
 
 from gateway.client._job import Job
+from gateway.client._queries import dashboard_link, job_stats
 from gateway.client._sync import Client
 from gateway.client._video import filmstrip
 
-__all__ = ["Client", "Job", "filmstrip"]
+__all__ = ["Client", "Job", "dashboard_link", "filmstrip", "job_stats"]

@@ -27,6 +27,7 @@ from gateway.protocol import (
     ClientHello,
     Codec,
     ConnectionInfo,
+    DashboardLink,
     Drain,
     ErrorCode,
     ErrorReply,
@@ -49,6 +50,7 @@ from gateway.protocol import (
     PutBlob,
     Refused,
     RunCell,
+    StatsReply,
     Status,
     StatusQuery,
     StatusReply,
@@ -320,7 +322,14 @@ class AsyncClient:
                         job.on_event(out)
             case JobUpdate():
                 self._job_update(msg)
-            case StatusReply() | JobsReply() | LogsReply() | BlobReply():
+            case (
+                StatusReply()
+                | JobsReply()
+                | LogsReply()
+                | BlobReply()
+                | StatsReply()
+                | DashboardLink()
+            ):
                 fut = self._requests.get(msg.request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

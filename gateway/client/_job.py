@@ -14,12 +14,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.client._queries import job_stats
 from gateway.client._render import RenderOutput, submit_render
 from gateway.protocol import (
     JobCancelled,
     JobError,
     JobKind,
     JobSpec,
+    JobStats,
     JobUpdate,
     Output,
     OutputKind,
@@ -270,6 +272,12 @@ class Job:
     def cancel(self) -> None:
         """Drop queued tasks, interrupt running ones. Returns once the gateway has it."""
         self.client.cancel(self.id)
+
+    def stats(self) -> JobStats:
+        """This job's timings from the gateway's store (``JobStats``): every attempt (worker,
+        queued, started, finished), per worker the attempts and busy time, and the job's wall
+        time, task time and speed-up."""
+        return job_stats(self.client, self.id)
 
     def events(self, timeout: float | None = None) -> Iterator[Any]:
         """Yield ``Output``, ``TaskDone`` and finally the ``JobUpdate`` that ends the job.

@@ -479,7 +479,12 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
+    """Alive; a worker's says its machine's CPU % (-1: unknown), memory used, last round trip."""
+
     free_slots: int = 0
+    cpu_percent: float = -1.0
+    memory_used_bytes: int = 0
+    rtt_s: float = -1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,6 +702,9 @@ class BlobReply:
     error: str = ""
 
 
+# Job stats and dashboard logins: in ``_monitoring`` (size), joining the tuples at their ends.
+from gateway.protocol import _monitoring  # noqa: E402
+
 RECORD_TYPES: tuple[type, ...] = (
     Resources,
     GpuInfo,
@@ -722,6 +730,7 @@ RECORD_TYPES: tuple[type, ...] = (
     RankInfo,
     RenderSpec,
     FrameDone,
+    *_monitoring.RECORDS,
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -757,6 +766,7 @@ MESSAGE_TYPES: tuple[type, ...] = (
     BlobReply,
     RendezvousReady,
     Rendezvous,
+    *_monitoring.MESSAGES,
 )
 
 # Which messages each side may send; the codec of the receiving side refuses the rest.
@@ -775,6 +785,7 @@ FROM_CLIENT: tuple[type, ...] = (
     InterruptTask,
     PutBlob,
     GetBlob,
+    *_monitoring.FROM_CLIENT,
 )
 FROM_WORKER: tuple[type, ...] = (
     WorkerHello,

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import sys
 import time
 import typing
 from collections.abc import Sequence
@@ -66,7 +67,8 @@ _GETTERS = {
 
 def _enum_fields(cls: type) -> tuple[tuple[str, type[enum.IntEnum]], ...]:
     """(name, enum class) of each field typed with an ``IntEnum`` (alone or ``| None``)."""
-    hints = typing.get_type_hints(cls, vars(_messages))
+    # the names its module sees (``_messages``, or ``_monitoring`` that extends it)
+    hints = typing.get_type_hints(cls, {**vars(_messages), **vars(sys.modules[cls.__module__])})
     out = []
     for f in fields(cls):
         hint = hints[f.name]

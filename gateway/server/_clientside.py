@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from gateway.protocol import (
@@ -29,6 +30,8 @@ from gateway.protocol import (
     CancelJob,
     ClientHello,
     Codec,
+    DashboardLink,
+    DashboardLogin,
     ErrorCode,
     ErrorReply,
     GatewaySettings,
@@ -49,6 +52,8 @@ from gateway.protocol import (
     Payload,
     PutBlob,
     RunCell,
+    StatsQuery,
+    StatsReply,
     StatusQuery,
     StatusReply,
     Submit,
@@ -63,6 +68,7 @@ from gateway.server._outbox import Outbox
 from gateway.server._registry import JobRecord, Registry
 from gateway.server._secrets import has_secrets
 from gateway.server._state import StateStore
+from gateway.server._stats import job_stats
 from gateway.server._users import ADMIN, Principal
 
 __all__ = ["ClientHandler"]
@@ -97,6 +103,7 @@ class ClientHandler:
         self._codecs = codecs
         self._seen: dict[bytes, float] = {}  # client -> last heard (leases)
         self._status_waiters: list[tuple[bytes, str, StatusQuery, float, Principal]] = []
+        self.dashboard: Any = None  # the HTTP side (``_http.Dashboard``), set by the gateway
 
     def handle(self, ident: bytes, msg_id: str, msg: Any, who: Principal = ANYONE) -> None:
         self._seen[ident] = time.monotonic()
@@ -131,6 +138,18 @@ class ClientHandler:
                     out.client(ident, LogsReply(outputs, msg_id))
             case PutBlob() | GetBlob():
                 out.client(ident, self.blob(msg_id, msg))
+            case StatsQuery(job_id=job_id):
+                self._store.flush()
+                stats = job_stats(self._store, job_id, time.time())
+                if stats is None:
+                    out.client(ident, _not_found(msg_id, job_id))
+                elif self._mine(ident, msg_id, job_id, who):
+                    out.client(ident, StatsReply(stats, msg_id))
+            case DashboardLogin(scrape=scrape):
+                link = DashboardLink("") if self.dashboard is None else self.dashboard.login(who)
+                if scrape and who.admin and self.dashboard is not None:
+                    link = replace(link, scrape_token=self.dashboard.scrape_token)
+                out.client(ident, replace(link, request_id=msg_id))
             case RunCell() | InputReply() | InterruptTask():
                 if not self._mine(ident, msg_id, msg.job_id, who):
                     return
@@ -301,11 +320,15 @@ class ClientHandler:
                     owner=j.user,
                 )
             )
+        return StatusReply(self._gateway_id, workers, tuple(jobs), self.counters(), request_id)
+
+    def counters(self) -> dict[str, int]:
+        """The gateway's counters, with each codec's refused messages by reason."""
         counters = dict(self._counters)
         for side, codec in self._codecs().items():
             for reason, n in codec.rejected.items():
                 counters[f"rejected_{side}_{reason}"] = n
-        return StatusReply(self._gateway_id, workers, tuple(jobs), counters, request_id)
+        return counters
 
     def expire_leases(self, now: float) -> None:
         """A job with a lease (a remote session) ends when its client has been silent past the

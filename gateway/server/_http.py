@@ -1,77 +1,77 @@
-"""The gateway's HTTP side: a JSON status API and a small live dashboard.
+"""The gateway's HTTP side: the dashboard, its API, its live feed and ``/metrics``.
 
-Runs on the gateway's own asyncio loop (tornado). Read-only: it never changes state.
+Runs on the gateway's own asyncio loop (tornado), listening where the gateway binds. Its parts:
+
+- ``_dash_auth``: login with one-time tokens that become a session cookie, CSRF, scrape token;
+- ``_dash_pages``: the page and its static files;
+- ``_dash_api``: the JSON API (status, a job's detail and stats, cancel);
+- ``_dash_feed``: the WebSocket feed, batched updates;
+- ``_dash_metrics``: Prometheus' ``/metrics``;
+- ``_dash_view``: the rows and events they all show.
+
+``start_http`` builds them and returns a ``Dashboard``; the gateway asks it for login links
+(``login``) and stops it on the way out (``stop``).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
+from gateway.protocol import DashboardLink
+from gateway.server import _dash_api, _dash_pages
+from gateway.server._dash_auth import DashboardAuth, DashContext
+from gateway.server._dash_feed import Feed, FeedSocket
+from gateway.server._dash_metrics import Metrics, registry_for
+from gateway.server._users import Principal
+
 if TYPE_CHECKING:
     from gateway.server._server import Gateway
 
-__all__ = ["start_http"]
-
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Parallel Pilot</title>
-<style>body{font:14px system-ui;margin:2em}table{border-collapse:collapse;margin-bottom:2em}
-td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style></head><body>
-<h1>Parallel Pilot</h1><h2>Workers</h2><table id="workers"></table>
-<h2>Jobs</h2><table id="jobs"></table>
-<script>
-const STATES=["queued","running","done","failed","cancelled"];
-function table(el, head, rows){el.innerHTML="<tr>"+head.map(h=>"<th>"+h+"</th>").join("")+"</tr>"+
- rows.map(r=>"<tr>"+r.map(c=>"<td>"+c+"</td>").join("")+"</tr>").join("");}
-async function refresh(){const s=await (await fetch("api/status")).json();
- table(document.getElementById("workers"),
-  ["name","slots","GPUs","tags","running","done","Slurm job"],
-  s.workers.map(w=>[w.name,w.slots,w.gpus.length,w.tags.join(","),w.running,w.tasks_done,
-   w.slurm_job_id||""]));
- table(document.getElementById("jobs"),["job","name","state","done","failed","tasks"],
-  s.jobs.map(j=>[j.job_id,j.name,STATES[j.state],j.done,j.failed,j.n_tasks]));}
-refresh();setInterval(refresh,1000);
-</script></body></html>"""
+__all__ = ["Dashboard", "start_http"]
 
 
-class _Status(tornado.web.RequestHandler):
-    def initialize(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+@dataclass(slots=True)
+class Dashboard:
+    """The running HTTP side: its URL, its server and what its handlers share."""
 
-    def get(self) -> None:
-        reply = self.gateway.status_reply()
-        recent = self.gateway.store.jobs(20)
-        running = {j.job_id for j in reply.jobs}
-        jobs = [asdict(j) for j in reply.jobs] + [
-            asdict(j) for j in recent if j.job_id not in running
-        ]
-        self.set_header("Content-Type", "application/json")
-        self.write(
-            json.dumps(
-                {
-                    "gateway_id": reply.gateway_id,
-                    "workers": [asdict(w) for w in reply.workers],
-                    "jobs": jobs,
-                    "counters": reply.counters,
-                }
-            )
-        )
+    url: str
+    server: Any
+    ctx: DashContext
+
+    def login(self, who: Principal) -> DashboardLink:
+        """A one-time login link for ``who`` (``pilot dashboard``)."""
+        return DashboardLink(self.ctx.auth.issue(who))
+
+    @property
+    def scrape_token(self) -> str:
+        return self.ctx.auth.scrape_token
+
+    async def stop(self) -> None:
+        self.server.stop()
+        await self.ctx.feed.close()
 
 
-class _Page(tornado.web.RequestHandler):
-    def get(self) -> None:
-        self.write(_PAGE)
-
-
-def start_http(gateway: Gateway, host: str, port: int) -> tuple[Any, str]:
-    """Start listening; return (server, url). The caller stops the server."""
-    app = tornado.web.Application([(r"/", _Page), (r"/api/status", _Status, {"gateway": gateway})])
-    server = tornado.httpserver.HTTPServer(app)
+def start_http(gateway: Gateway, host: str, port: int) -> Dashboard:
+    """Start listening on ``host:port`` (0: any free port); the caller stops it."""
     sockets = tornado.netutil.bind_sockets(port, host)
-    server.add_sockets(sockets)
     bound = sockets[0].getsockname()[1]
-    return server, f"http://{host}:{bound}/"
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{bound}/"
+    auth = DashboardAuth(gateway.settings.state_dir, url)
+    ctx = DashContext(gateway, auth, Feed(gateway), f"pilot-session-{bound}")
+    routes: list[Any] = [
+        (path, handler, {"ctx": ctx}) for path, handler in _dash_pages.ROUTES + _dash_api.ROUTES
+    ]
+    routes.append((r"/api/feed", FeedSocket, {"ctx": ctx}))
+    routes.append((r"/metrics", Metrics, {"ctx": ctx, "registry": registry_for(gateway)}))
+    app = tornado.web.Application(
+        routes, cookie_secret=auth.cookie_secret, websocket_ping_interval=20
+    )
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets(sockets)
+    return Dashboard(url, server, ctx)

@@ -8,6 +8,7 @@ and rows (in the ``StateStore``, committed at the end of the turn, before anythi
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from gateway.protocol import (
     Assignment,
     Blob,
+    JobInfo,
     JobUpdate,
     Output,
     OutputKind,
@@ -26,6 +28,7 @@ from gateway.protocol import (
     TaskStatus,
 )
 from gateway.server import _scheduler as sch
+from gateway.server._monitor import Monitor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import ARGS_BATCH, Registry
 from gateway.server._state import StateStore
@@ -39,7 +42,7 @@ FUNCTIONS_KEPT = 256  # function blobs kept in memory (the blob store has them a
 
 class Executor:
     """Applies ``Scheduler`` instructions (see the module docstring). ``counters`` is the
-    gateway's counter dict."""
+    gateway's counter dict; ``monitor`` measures settled tasks and sees the gateway's notes."""
 
     def __init__(
         self,
@@ -48,8 +51,12 @@ class Executor:
         store: StateStore,
         outbox: Outbox,
         counters: dict[str, int],
+        monitor: Monitor | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.monitor = monitor or Monitor()
+        # when each task out on a worker was assigned (monotonic): its latency, once settled
+        self._assigned_at: dict[tuple[str, int], float] = {}
         self._registry = registry
         self._store = store
         self._outbox = outbox
@@ -112,6 +119,7 @@ class Executor:
                 case sch.WorkerGone(name=name):
                     if self._registry.workers.pop(name, None) is not None:
                         log.warning("worker %s is gone; its tasks went back to the queue", name)
+                        self.monitor.worker_gone(name, "lost")
                 case sch.Unschedulable(job_id=job_id, resources=res, ranks=ranks):
                     self._unschedulable[job_id] = self._why_unschedulable(res, ranks)
 
@@ -124,6 +132,8 @@ class Executor:
         for ident in job.subscribers:
             self._outbox.output(ident, out)
         self._store.add_output(out)
+        if self.monitor.observers:
+            self.monitor.outputs((out,))
 
     def _assign_gang(self, ins: sch.AssignGang) -> None:
         hosts: list[str] = []  # the group's workers, in the order of their first rank
@@ -177,6 +187,7 @@ class Executor:
         )
         self._outbox.assign(worker, task)
         self._store.attempt_assigned(job_id, index, attempt, worker)
+        self._assigned_at[(job_id, index)] = time.monotonic()
 
     def known_blob(self, digest: str) -> Blob | None:
         """A function blob kept in memory (a worker that lacks it asks: ``GetBlob``)."""
@@ -212,6 +223,12 @@ class Executor:
         )
         job.args.pop(ins.index, None)
         self._store.task_settled(done)
+        assigned = self._assigned_at.pop((ins.job_id, ins.index), None)
+        self.monitor.task_settled(
+            ins.status == TaskStatus.OK,
+            done.duration_s,
+            -1.0 if assigned is None else time.monotonic() - assigned,
+        )
         w = self._registry.workers.get(ins.worker)
         if w is not None and ins.status == TaskStatus.OK:
             w.done += 1
@@ -226,6 +243,13 @@ class Executor:
         self._store.job_settled(ins.job_id, ins.state, error, ins.done, ins.failed)
         if job is None:
             return
+        if self.monitor.observers:  # the dashboard's feed: the job's final row
+            spec = job.spec
+            info = JobInfo(
+                ins.job_id, spec.name, ins.state, spec.n_tasks, ins.done, ins.failed,
+                job.created, time.time(), error, owner=job.user,
+            )  # fmt: skip
+            self.monitor.job_ended(info, spec.kind)
         for ident in job.subscribers:
             self._outbox.client(ident, JobUpdate(ins.job_id, ins.state, error))
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.protocol import FileRef, JobSpec, Output, OutputKind, Payload, WorkerHello
+from gateway.protocol import (
+    FileRef,
+    Heartbeat,
+    JobSpec,
+    Output,
+    OutputKind,
+    Payload,
+    WorkerHello,
+)
 
 __all__ = ["ARGS_BATCH", "ARGS_KEPT", "JobRecord", "Registry", "WorkerRecord"]
 
@@ -53,6 +61,7 @@ class WorkerRecord:
     hello: WorkerHello
     since: float
     done: int = 0  # tasks it finished OK
+    load: Heartbeat | None = None  # its last heartbeat: CPU, memory, round trip
 
 
 @dataclass(slots=True, eq=False)

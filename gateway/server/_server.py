@@ -64,6 +64,7 @@ from gateway.server._auth import Gatekeeper
 from gateway.server._blobs import BlobStore
 from gateway.server._clientside import ClientHandler, job_added
 from gateway.server._instructions import Executor
+from gateway.server._monitor import Monitor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import JobRecord, Registry
 from gateway.server._secrets import LOST_SECRETS, lost_secrets
@@ -109,7 +110,8 @@ class Gateway:
         self._drains: list[Drain] = []
         self._group: asyncio.TaskGroup | None = None
         self._stop_event = asyncio.Event()
-        self._http: Any = None
+        self._http: Any = None  # the dashboard (``_http.Dashboard``), when it has one
+        self.monitor = Monitor()  # cheap measurements, and the dashboard's live feed
         self.gate: Gatekeeper | None = None  # a secure gateway's keys and users
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class Gateway:
             s.policy, heartbeat_timeout_s=t.heartbeat_timeout_s, orphan_grace_s=t.orphan_grace_s
         )
         self.executor = Executor(
-            self.scheduler, self.registry, self.store, self.outbox, self.counters
+            self.scheduler, self.registry, self.store, self.outbox, self.counters, self.monitor
         )
         self.clients = ClientHandler(
             s,
@@ -150,6 +152,7 @@ class Gateway:
             self.clients.blob,
             self.clients.answer_status_waiters,
             self.counters,
+            self.monitor,
         )
         if s.secure:  # the ZAP handler first: libzmq lets any key in while none is bound
             self.gate = Gatekeeper(self._ctx, s.state_dir, self.counters)
@@ -200,7 +203,7 @@ class Gateway:
         if self._group is not None:
             await self._group.__aexit__(None, None, None)
         if self._http is not None:
-            self._http.stop()
+            await self._http.stop()
         self.store.close()
         self._remove_connection_file()
         self._workers_sock.disable_monitor()
@@ -252,8 +255,9 @@ class Gateway:
             return ""
         from gateway.server._http import start_http  # tornado is only needed with a dashboard
 
-        self._http, url = start_http(self, self.settings.bind, self.settings.http_port)
-        return url
+        self._http = start_http(self, self.settings.bind, self.settings.http_port)
+        self.clients.dashboard = self._http
+        return str(self._http.url)
 
     def _resume(self) -> None:
         """Rebuild jobs and scheduler state from the store after a restart."""
@@ -337,6 +341,7 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), TICK_S)
             now = time.monotonic()
+            self.monitor.sample(now)
             self.executor.handle(sch.Tick(now))
             self.clients.expire_leases(now)
             self.workers.expire_disconnected(now)

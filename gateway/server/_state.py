@@ -369,3 +369,30 @@ class StateStore:
             JobInfo(i, n, Status(s), nt, d or 0, f or 0, c, fin or 0.0, e or "", owner=o or "")
             for i, n, s, nt, d, f, c, fin, e, o in rows
         ]
+
+    def job_info(self, job_id: str) -> JobInfo | None:
+        """The stored row of job ``job_id`` (None: no such job)."""
+        cols = "id, name, state, n_tasks, done, failed, created, finished, error, owner"
+        row = self._db.execute(f"SELECT {cols} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        i, n, s, nt, d, f, c, fin, e, o = row
+        return JobInfo(i, n, Status(s), nt, d or 0, f or 0, c, fin or 0.0, e or "", owner=o or "")
+
+    def attempts(self, job_id: str) -> list[tuple[Any, ...]]:
+        """A job's attempts: (index, attempt, worker, status, assigned, started, finished, its
+        task's run time as measured by the worker), times wall-clock or None, in order."""
+        return self._db.execute(
+            "SELECT a.idx, a.attempt, a.worker, a.status, a.assigned, a.started, a.finished, "
+            "t.duration_s FROM attempts a LEFT JOIN tasks t ON t.job_id=a.job_id AND t.idx=a.idx "
+            "WHERE a.job_id=? ORDER BY a.idx, a.attempt",
+            (job_id,),
+        ).fetchall()
+
+    def failed_tasks(self, job_id: str, limit: int) -> list[tuple[int, int, str, str]]:
+        """A job's first ``limit`` tasks that ended not OK: (index, item, worker, error)."""
+        return self._db.execute(
+            "SELECT idx, item, worker, error FROM tasks WHERE job_id=? AND status IS NOT NULL "
+            "AND status != ? ORDER BY idx LIMIT ?",
+            (job_id, int(TaskStatus.OK), limit),
+        ).fetchall()

@@ -36,6 +36,7 @@ from gateway.protocol import (
 from gateway.server import _scheduler as sch
 from gateway.server._auth import REMOVED
 from gateway.server._instructions import Executor
+from gateway.server._monitor import Monitor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import Registry, WorkerRecord
 from gateway.server._state import StateStore
@@ -64,9 +65,11 @@ class WorkerHandler:
         blob: Callable[[str, PutBlob | GetBlob], BlobReply],
         joined: Callable[[], None],
         counters: dict[str, int],
+        monitor: Monitor | None = None,
     ) -> None:
         self._settings = settings
         self._gateway_id = gateway_id
+        self._monitor = monitor or Monitor()
         self._registry = registry
         self._executor = executor
         self._store = store
@@ -97,6 +100,8 @@ class WorkerHandler:
             self._executor.handle(sch.WorkerHeard(name, now))
         match msg:
             case Heartbeat():
+                if w is not None:
+                    w.load = msg  # what it reported: CPU, memory, round trip (the dashboard)
                 self._outbox.worker(name, Heartbeat())
             case TasksStarted(attempts=attempts):
                 self._started(name, attempts, now)
@@ -136,6 +141,7 @@ class WorkerHandler:
                 if final:
                     self._registry.workers.pop(name, None)  # left, not lost: nothing to warn
                     self._executor.handle(sch.WorkerLeft(name, now, TaskStatus.LOST))
+                    self._monitor.worker_gone(name, "left")
                     log.info("worker %s left", name)
                 else:
                     log.info("worker %s is draining", name)
@@ -214,6 +220,8 @@ class WorkerHandler:
         log.info("worker %s joined: %d slots, %d GPUs", name, hello.slots, len(hello.gpus))
 
     def _outputs(self, outputs: tuple[Output, ...]) -> None:
+        if self._monitor.observers:  # the dashboard's live feed, while a page is open
+            self._monitor.outputs(outputs)
         limit = self._settings.outputs_kept_bytes
         for out in outputs:
             job = self._registry.jobs.get(out.job_id)

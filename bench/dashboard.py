@@ -1,0 +1,254 @@
+"""The gateway's task rate with and without dashboards open (issue 13: at least 0.95x).
+
+A ``LocalCluster`` (a gateway and ``--workers`` workers of one slot) runs the same workload
+``--repeats`` times without and with ``--viewers`` dashboards open, alternating in ABBA order
+(off, on, on, off, off, on...) so that a drift of the machine or an order effect hits both
+sides alike. A dashboard is a plain WebSocket
+client of the live feed (logged in with its own one-time link, reading every update), or with
+``--chromium`` a real page in headless Chromium that draws every update. The viewers run in a
+process of their own.
+
+Workloads: ``noop``: ``--n`` no-op ``submit``s then gather (each a job of one task: the
+heaviest case for the feed, whose job list changes all the time); ``map``: ``--n`` items of
+``x + 1`` in chunks of 10 (one job, many tasks). The figure is tasks per second; the table
+shows the median of each side, the ratio of the medians, and the worst ratio of a pair (an
+"on" run against the "off" run next to it). Everything also goes to a JSON file.
+
+    .venv/bin/python bench/dashboard.py                      # noop, 10,000 tasks, 3 viewers
+    .venv/bin/python bench/dashboard.py --workload map --n 100000
+    .venv/bin/python bench/dashboard.py --chromium --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.cookiejar
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._baselines import inc, noop  # noqa: E402
+from bench._table import print_table, write_json  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "dashboard.json"
+BATCH_S = 0.25  # the feed's batch period (gateway/server/_dash_feed.py)
+QUIET = {"PILOT_LOG_LEVEL": "WARNING"}
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+TASK_TIMEOUT_S = 300.0
+VIEWERS_READY_S = 60.0
+
+
+def _cookie_for(link: str) -> str:
+    """Log in with ``link``; the session cookie as a ``Cookie`` header value."""
+    jar = http.cookiejar.CookieJar()
+    urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar)).open(link, timeout=30)
+    return "; ".join(f"{c.name}={c.value}" for c in jar)
+
+
+def viewers_main(base: str, links: list[str], chromium: bool) -> None:
+    """The viewers' process: open one dashboard per link, say READY, read until stdin closes,
+    then print what they received as JSON."""
+    if chromium:
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            pages = [browser.new_page() for _ in links]
+            for page, link in zip(pages, links, strict=True):
+                page.goto(link)
+                page.wait_for_selector("#live:not(.off)")
+            print("READY", flush=True)
+            sys.stdin.read()
+            browser.close()
+        print(json.dumps({"viewers": len(links)}), flush=True)
+        return
+    import asyncio
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    async def run() -> dict[str, Any]:
+        got: dict[str, Any] = {"messages": 0, "bytes": 0}
+        url = base.replace("http", "ws", 1) + "/api/feed"
+        conns = [
+            await websocket_connect(HTTPRequest(url, headers={"Cookie": _cookie_for(link)}))
+            for link in links
+        ]
+
+        async def read(conn: Any) -> None:
+            while (msg := await conn.read_message()) is not None:
+                got["messages"] += 1
+                got["bytes"] += len(msg)
+                got["feed_ms"] = json.loads(msg).get("gateway", {}).get("feed_ms", 0.0)
+
+        readers = [asyncio.ensure_future(read(c)) for c in conns]
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        for c in conns:
+            c.close()
+        await asyncio.gather(*readers, return_exceptions=True)
+        return got
+
+    print(json.dumps(asyncio.run(run())), flush=True)
+
+
+class Viewers:
+    """``n`` dashboards in a child process, open between ``__enter__`` and ``__exit__``."""
+
+    def __init__(self, client: Any, n: int, chromium: bool) -> None:
+        from gateway.client import dashboard_link
+
+        self.links = [dashboard_link(client).url for _ in range(n)]
+        self.base = self.links[0].split("/login", 1)[0]
+        self.chromium = chromium
+        self.stats: dict[str, Any] = {}
+
+    def __enter__(self) -> Viewers:
+        cmd = [sys.executable, __file__, "--viewers-child", self.base, *self.links]
+        if self.chromium:
+            cmd.append("--chromium")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + VIEWERS_READY_S
+        line = self.proc.stdout.readline()
+        if line.strip() != "READY" or time.monotonic() > deadline:
+            raise RuntimeError(f"the viewers did not start: {line!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self.proc.communicate("", timeout=60)
+        self.stats = json.loads(out.strip().splitlines()[-1])
+
+
+def run_once(client: Any, workload: str, n: int, gateway: Any = None) -> tuple[float, float]:
+    """Tasks per second of one run of ``workload``, and the gateway process's CPU time per
+    task in microseconds (``gateway``: its ``psutil.Process``; 0.0 without)."""
+    cpu0 = sum(gateway.cpu_times()[:2]) if gateway is not None else 0.0
+    t0 = time.perf_counter()
+    if workload == "noop":
+        jobs = [client.submit(noop, i) for i in range(n)]
+        for job in jobs:
+            job.result(TASK_TIMEOUT_S)
+        tasks = n
+    else:
+        job = client.map(inc, range(n), chunk=10)
+        job.wait(TASK_TIMEOUT_S)
+        tasks = -(-n // 10)
+    rate = tasks / (time.perf_counter() - t0)
+    cpu = sum(gateway.cpu_times()[:2]) - cpu0 if gateway is not None else 0.0
+    return rate, 1e6 * cpu / tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", choices=("noop", "map"), default="noop")
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--viewers", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--chromium", action="store_true", help="real pages, not WebSocket clients")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--viewers-child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.viewers_child:
+        base, *links = args.viewers_child
+        viewers_main(base, links, args.chromium)
+        return 0
+
+    import psutil
+
+    import pilot
+
+    off: list[float] = []
+    on: list[float] = []
+    cpu_off: list[float] = []
+    cpu_on: list[float] = []
+    received: list[dict[str, Any]] = []
+    with pilot.LocalCluster(workers=args.workers, env=QUIET) as cluster, cluster.client() as c:
+        gateway = psutil.Process(cluster.gateway.pid)
+        run_once(c, args.workload, min(args.n, 1000))  # warm up: processes, caches
+        for i in range(args.repeats):
+            for viewed in (False, True) if i % 2 == 0 else (True, False):  # ABBA: no order bias
+                if not viewed:
+                    rate, cpu = run_once(c, args.workload, args.n, gateway)
+                    off.append(rate)
+                    cpu_off.append(cpu)
+                    continue
+                with Viewers(c, args.viewers, args.chromium) as v:
+                    rate, cpu = run_once(c, args.workload, args.n, gateway)
+                on.append(rate)
+                cpu_on.append(cpu)
+                received.append(v.stats)
+    pairs = [b / a for a, b in zip(off, on, strict=True)]
+    viewers = f"{args.viewers} {'Chromium pages' if args.chromium else 'WebSocket viewers'}"
+    rows = [
+        {
+            "side": "no dashboard",
+            "median tasks/s": statistics.median(off),
+            "worst": min(off),
+            "gateway CPU us/task": statistics.median(cpu_off),
+        },
+        {
+            "side": viewers,
+            "median tasks/s": statistics.median(on),
+            "worst": min(on),
+            "gateway CPU us/task": statistics.median(cpu_on),
+        },
+    ]
+    cpu_ratio = statistics.median(cpu_off) / statistics.median(cpu_on)
+    ratio = statistics.median(on) / statistics.median(off)
+    print(f"workload {args.workload}, n={args.n}, {args.repeats} runs per side")
+    print_table(rows, ["side", "median tasks/s", "worst", "gateway CPU us/task"])
+    print(
+        f"ratio of medians {ratio:.3f}x, pairs median {statistics.median(pairs):.3f}x, "
+        f"worst pair {min(pairs):.3f}x (target >= 0.95x)"
+    )
+    feed = [r.get("feed_ms", 0.0) for r in received]
+    print(
+        f"the feed's own CPU time per batch (every {BATCH_S * 1e3:.0f} ms): median "
+        f"{statistics.median(feed):.2f} ms, worst {max(feed):.2f} ms, so "
+        f"{100 * statistics.median(feed) / (BATCH_S * 1e3):.1f}% of one core"
+    )
+    print(
+        f"gateway CPU per task, off/on: {cpu_ratio:.3f}x (the rate its own CPU allows, "
+        "whatever else loads the machine)"
+    )
+    write_json(
+        args.out,
+        {
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "viewers_child")},
+            "off": off,
+            "on": on,
+            "pairs": pairs,
+            "ratio_of_medians": ratio,
+            "cpu_us_per_task_off": cpu_off,
+            "cpu_us_per_task_on": cpu_on,
+            "cpu_ratio": cpu_ratio,
+            "worst_pair": min(pairs),
+            "received": received,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
