@@ -78,7 +78,9 @@ class TaskPool:
         self.size = size
         self._on_exit = on_exit
         # The task processes learn the size limit here: a result over it fails its task there.
-        self._env = {**(env if env is not None else os.environ)}
+        # The worker's dict itself, not a copy: the worker completes it on entering (the
+        # Blender it found) after this pool is made and before the first process starts.
+        self._env = env if env is not None else dict(os.environ)
         self._env["PILOT_MAX_MESSAGE_BYTES"] = str(max_message_bytes)
         self._codec = Codec(None, max_message_bytes=max_message_bytes)
         self._drain: Drain | None = None
