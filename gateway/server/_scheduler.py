@@ -100,6 +100,7 @@ __all__ = [
 ]
 
 _NEVER_RETRIED = (TaskStatus.UNPICKLABLE, TaskStatus.CANCELLED)
+_ASSIGNED, _FULL, _NOTHING = object(), object(), object()  # what _assign_one did
 GANG_STOP_S = 10.0  # a stopped rank whose worker says nothing this long counts as ended
 
 
@@ -121,6 +122,8 @@ class Scheduler:
         self.workers: dict[str, _Worker] = {}
         self._active: deque[str] = deque()  # jobs with queued tasks, round-robin order
         self._gangs: deque[str] = deque()  # gangs waiting to be placed, oldest first
+        self._room: dict[str, _Worker] = {}  # workers that may have room for a task
+        self._free: dict[str, _Worker] = {}  # workers with a free slot (before any prefetch)
         self._out: list[Instruction] = []
         self._orphans: list[tuple[str, _Task]] = []
         self._data_home: dict[str, str] = {}  # data key -> the worker that last read it
@@ -129,6 +132,10 @@ class Scheduler:
 
     def handle(self, event: Event) -> list[Instruction]:
         """Apply ``event``; return the instructions it causes, in order."""
+        if type(event) is WorkerHeard:  # the commonest event changes nothing to place
+            if (w := self.workers.get(event.name)) is not None:
+                w.last_seen = event.now
+            return []
         match event:
             case JobAdded():
                 self._job_added(event)
@@ -140,9 +147,6 @@ class Scheduler:
                 self._worker_left(name, status)
             case WorkerDraining(name=name, handed_back=handed_back):
                 self._worker_draining(name, handed_back)
-            case WorkerHeard(name=name, now=now):
-                if (w := self.workers.get(name)) is not None:
-                    w.last_seen = now
             case TaskStarted():
                 self._task_started(event)
             case TaskFinished():
@@ -259,6 +263,9 @@ class Scheduler:
         old = self.workers.get(ev.name)
         w = _Worker(ev.name, ev.slots, ev.gpus, ev.tags, ev.now)
         self.workers[ev.name] = w
+        self._room[ev.name] = w
+        if w.used_slots < w.slots:
+            self._free[ev.name] = w
         holding = {(a.job_id, a.index): a.attempt for a in ev.holding}
         if old is not None and ev.same_process:
             # Assignments may still be on their way to it: keep them.
@@ -310,6 +317,8 @@ class Scheduler:
 
     def _worker_left(self, name: str, status: TaskStatus) -> None:
         w = self.workers.pop(name, None)
+        self._room.pop(name, None)
+        self._free.pop(name, None)
         if w is None:
             return
         self._out.append(WorkerGone(name))
@@ -531,19 +540,37 @@ class Scheduler:
         if not self._active or not self.workers:
             return
         # Free slots first across all workers, then prefetch: spreads work before queueing it.
-        for allow_prefetch in (False, True):
-            for w in self.workers.values():
-                while not w.draining and self._assign_one(w, allow_prefetch):
-                    pass
+        # Only workers that may have room are looked at (a worker is forgotten once full and
+        # remembered again when a task of its ends), so an event costs O(1), not O(workers).
+        gone: list[str] = []  # full or draining: forgotten after the loops (not while in them)
+        try:
+            for allow_prefetch in (False, True):
+                # (free slots: a copy, as taking a slot changes it; few workers have one)
+                for w in self._room.values() if allow_prefetch else list(self._free.values()):
+                    if not self._active:
+                        return  # nothing queued any more: the other workers need no look
+                    if w.draining:
+                        gone.append(w.name)
+                        continue
+                    while (got := self._assign_one(w, allow_prefetch)) is _ASSIGNED:
+                        pass
+                    if got is _FULL and allow_prefetch:
+                        gone.append(w.name)
+        finally:
+            for name in gone:
+                self._room.pop(name, None)
+                self._free.pop(name, None)
 
-    def _assign_one(self, w: _Worker, allow_prefetch: bool) -> bool:
+    def _assign_one(self, w: _Worker, allow_prefetch: bool) -> object:
+        """One task for ``w``: ``_ASSIGNED``, ``_FULL`` (no room, even to prefetch) or
+        ``_NOTHING`` (room, but no queued task fits it now)."""
         extra = 0
         if allow_prefetch:  # the next job in turn says how deep the prefetch may go
             head = self.jobs.get(self._active[0]) if self._active else None
             extra = max(self.policy.prefetch, self._prefetch_for(head) if head else 0)
         room = w.slots + extra - w.used_slots
         if room < 1:
-            return False  # full: no need to look at any job (keeps a burst of jobs O(n))
+            return _FULL  # full: no need to look at any job (keeps a burst of jobs O(n))
         for _ in range(len(self._active)):
             job_id = self._active[0]
             job = self.jobs.get(job_id)
@@ -562,8 +589,8 @@ class Scheduler:
             t.state, t.worker, t.started_at = _T.OUT, w.name, None
             self._take(w, job, t)
             self._out.append(AssignTask(w.name, job.job_id, index, t.attempt))
-            return True
-        return False
+            return _ASSIGNED
+        return _NOTHING
 
     def _fits(self, w: _Worker, job: _Job, allow_prefetch: bool) -> bool:
         res = job.resources
@@ -641,9 +668,15 @@ class Scheduler:
         w.out[(job.job_id, t.index)] = t
         w.used_slots += job.cost
         w.used_gpus += job.resources.gpus
+        if w.used_slots >= w.slots:
+            self._free.pop(w.name, None)
 
     def _release(self, job: _Job, t: _Task, w: _Worker | None = None) -> None:
         w = w or self.workers.get(t.worker)
         if w is not None and w.out.pop((job.job_id, t.index), None) is not None:
             w.used_slots -= job.cost
             w.used_gpus -= job.resources.gpus
+            if self.workers.get(w.name) is w:
+                self._room[w.name] = w  # it has room again
+                if w.used_slots < w.slots:
+                    self._free[w.name] = w
