@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     wk.add_argument("--discover", action="store_true", help="find the gateway on the LAN")
     wk.add_argument("--keys", default=None, help="with --discover: a connection file's keys")
     wk.add_argument("--slots", type=int, default=1)
+    wk.add_argument("--cores", type=int, default=0, help="cores it counts as its own (0: all)")
     wk.add_argument("--tags", default="")
     wk.add_argument("--name", default=None)
     wk.add_argument("--cache-size", default="20GB")
@@ -254,6 +255,7 @@ def _worker(args: argparse.Namespace) -> int:
         name=name,
         cache_dir=args.cache_dir or default_home() / "cache" / name,
         slots=args.slots,
+        cores=args.cores,
         tags=tuple(t for t in args.tags.split(",") if t),
         cache_bytes=parse_size(args.cache_size),
         max_message_bytes=int(os.environ.get("PILOT_MAX_MESSAGE_BYTES", 1 << 30)),

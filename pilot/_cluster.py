@@ -50,11 +50,12 @@ class LocalCluster:
     ``secure``: CurveZMQ on every socket (``pilot gateway --secure``); ``gateway_args`` are
     more options of ``pilot gateway``.
 
-    Each worker gets its share of this process's cores (CPU affinity, inherited by its task and
-    rank processes), as a machine of its own would: it counts and registers those cores, and
-    gives its training ranks ``OMP_NUM_THREADS`` from them, so N workers on one machine neither
-    count its cores N times nor start N times too many threads. With fewer cores than workers,
-    every worker sees them all.
+    Each worker counts its share of this process's cores as its own (``pilot worker --cores``),
+    as a machine of its own would: it registers those and gives its training ranks
+    ``OMP_NUM_THREADS`` from them, so N workers on one machine neither count its cores N times
+    nor start N times too many threads. Nothing is pinned: the OS still places every process
+    on any core, which keeps ranks clear of other load. With fewer cores than workers, each
+    counts them all.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class LocalCluster:
 
     def add_worker(self, *extra: str, name: str | None = None) -> subprocess.Popen[bytes]:
         index = len(self.workers)
+        cores = _core_share(index, self.n_workers)
         cmd = [
             sys.executable,
             "-m",
@@ -155,11 +157,11 @@ class LocalCluster:
             str(self.slots),
             "--name",
             name or f"local-{index}",
+            *(("--cores", str(cores)) if cores else ()),
             *self.worker_args,
             *extra,
         ]
-        cores = _core_share(index, self.n_workers)
-        proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_ends_with_us(cores))
+        proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_ends_with_us())
         self.workers.append(proc)
         return proc
 
@@ -218,34 +220,22 @@ class LocalCluster:
             self._tmp = None
 
 
-def _ends_with_us(cores: set[int] | None = None) -> Any:
+def _ends_with_us() -> Any:
     """The gateway and workers of a local cluster get SIGTERM (and stop cleanly: workers hand
     back or finish their tasks) if the process that started them dies, even by SIGKILL: a
-    closed terminal or a killed `pilot up` leaves nothing running. With ``cores``, the child
-    runs on those cores only (set before it starts, so it never counts others)."""
-    ends = kill_with_this_thread(signal.SIGTERM)
-    if not cores:
-        return ends
-
-    def preexec() -> None:
-        if ends is not None:
-            ends()
-        os.sched_setaffinity(0, cores)
-
-    return preexec
+    closed terminal or a killed `pilot up` leaves nothing running."""
+    return kill_with_this_thread(signal.SIGTERM)
 
 
-def _core_share(index: int, workers: int) -> set[int] | None:
-    """Worker ``index``'s part of this process's cores: the cores split into ``workers``
-    contiguous parts, as even as they go (a worker added later shares with ``index % workers``).
-    None off Linux, for a single worker, or with fewer cores than workers."""
-    if not hasattr(os, "sched_getaffinity") or workers < 2:
-        return None
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < workers:
-        return None
+def _core_share(index: int, workers: int) -> int:
+    """How many of this process's cores worker ``index`` counts as its own: the cores split
+    into ``workers`` parts as even as they go (a worker added later counts as ``index %
+    workers``); 0 (every core) for a single worker or with fewer cores than workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if workers < 2 or not cores or cores < workers:
+        return 0
     part = index % workers
-    return set(cores[part * len(cores) // workers : (part + 1) * len(cores) // workers])
+    return (part + 1) * cores // workers - part * cores // workers
 
 
 def _wait_all(procs: list[Any], timeout: float) -> None:

@@ -268,6 +268,13 @@ def test_worker_with_zero_slots_fails_with_a_clear_message(up: Up) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_worker_with_negative_cores_fails_with_a_clear_message(up: Up) -> None:
+    result = pilot_cli("worker", "--cores", "-1", env=up.env)
+    assert result.returncode != 0
+    assert "--cores must be 0 (every core) or more" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_status_without_a_gateway_says_to_run_pilot_up(tmp_path: Path) -> None:
     home = tmp_path / "empty-home"
     home.mkdir()

@@ -211,28 +211,22 @@ def test_status_lists_workers(client: pilot.Client) -> None:
     assert all(w.slots == 1 and w.cpus >= 1 for w in reply.workers)
 
 
-def cores_here(_: object) -> list[int]:
-    return sorted(os.sched_getaffinity(0))
+def test_local_workers_split_the_machines_cores_between_them(client: pilot.Client) -> None:
+    """Each local worker counts its share of the cores as a machine of its own would (it
+    registers them; its training ranks' OMP_NUM_THREADS comes from them): two workers never
+    count the machine twice. Nothing is pinned."""
+    cores = len(os.sched_getaffinity(0))
+    registered = sorted(w.cpus for w in client.status().workers)
+    if cores < 2:  # fewer cores than workers: each counts them all
+        assert registered == [cores, cores]
+    else:
+        assert registered == sorted([cores // 2, cores - cores // 2])
+    (affinity,) = set(client.map(cores_here, range(4), chunk=1).wait(60).results)
+    assert affinity == cores, "a task may still run on any core"
 
 
-def test_local_workers_share_the_machines_cores(client: pilot.Client) -> None:
-    """Each local worker is a machine of its own: it runs on its part of the cores, registers
-    that many, and its tasks run there (so its ranks' OMP_NUM_THREADS counts those only)."""
-    cores = sorted(os.sched_getaffinity(0))
-    registered = {w.name: w.cpus for w in client.status().workers}
-    if len(cores) < 2:  # fewer cores than workers: every worker sees them all
-        assert list(registered.values()) == [len(cores)] * 2
-        return
-    assert sorted(registered.values()) == sorted([len(cores) // 2, len(cores) - len(cores) // 2])
-    job = client.map(cores_here, range(8), chunk=1)
-    seen: dict[str, set[int]] = {}
-    for index, task_cores in enumerate(job.wait(60).results):
-        worker = job.tasks[index].worker
-        assert len(task_cores) == registered[worker] and set(task_cores) <= set(cores)
-        seen.setdefault(worker, set()).update(task_cores)
-    if len(seen) == 2:
-        a, b = seen.values()
-        assert not a & b, "the workers' cores do not overlap"
+def cores_here(_: object) -> int:
+    return len(os.sched_getaffinity(0))
 
 
 def test_unschedulable_request_fails_at_once_listing_workers(client: pilot.Client) -> None:

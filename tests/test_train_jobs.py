@@ -99,7 +99,6 @@ def train_ddp(steps: int) -> dict[str, Any]:
         "state": state,
         "big": torch.arange(BIG, dtype=torch.float32) * (dist.get_rank() + 1),
         "env": {k: os.environ.get(k) for k in ENV_KEYS},
-        "cores": len(os.sched_getaffinity(0)),  # its worker's share of this machine's
     }
 
 
@@ -259,15 +258,19 @@ def test_ddp_matches_one_process_on_the_same_global_batches(trained: pilot.Job) 
     assert not torch.equal(got["0.weight"], _make_model().state_dict()["0.weight"])  # it trained
 
 
-def test_ranks_get_torchruns_environment_and_tensors_come_back_whole(trained: pilot.Job) -> None:
+def test_ranks_get_torchruns_environment_and_tensors_come_back_whole(
+    client: pilot.Client, trained: pilot.Job
+) -> None:
+    cores = {w.name: w.cpus for w in client.status().workers}  # each worker's share
     for rank, value in enumerate(trained.results):
-        env, cores = value["env"], value["cores"]
+        env = value["env"]
         assert env["RANK"] == str(rank)
         assert env["WORLD_SIZE"] == "2"
         assert env["TORCHELASTIC_RESTART_COUNT"] == "0"
         assert env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU job
         local = int(env["LOCAL_WORLD_SIZE"])
-        assert env["OMP_NUM_THREADS"] == str(max(1, cores // local))
+        worker = trained.tasks[rank].worker
+        assert env["OMP_NUM_THREADS"] == str(max(1, cores[worker] // local))
         assert torch.equal(value["big"], torch.arange(BIG, dtype=torch.float32) * (rank + 1))
     ports = {v["env"]["MASTER_PORT"] for v in trained.results}
     assert len(ports) == 1

@@ -10,9 +10,10 @@ worker) with torchrun's environment. For each rank the host:
 2. meets its group (``worker._meetings``): rank 0's worker opens the rendezvous socket and
    says where; the other workers hold their ranks until the gateway tells them;
 3. spawns the rank: its GPUs are the first free ones here, ``OMP_NUM_THREADS`` the worker's
-   cores over its ranks of the group, the backend the job's (``auto``: nccl when the ranks
-   have GPUs, decided the same way on every worker). Rank 0 gets the listening socket, and the
-   host closes its own copy at once: the port lives as long as rank 0 does;
+   cores (``--cores``, else all it may run on) over its ranks of the group, the backend the
+   job's (``auto``: nccl when the ranks have GPUs, decided the same way on every worker). Rank
+   0 gets the listening socket, and the host closes its own copy at once: the port lives as
+   long as rank 0 does;
 4. streams its output and reports, and stores each checkpoint it writes in the gateway's blob
    store (``worker._rank_io``);
 5. when it exits, reports its ``TaskResult`` from the outcome file (``worker._rank_files``):
@@ -121,6 +122,7 @@ class RankHost:
     ) -> None:
         gateway_host = urlsplit(settings.connection.worker_url).hostname or "127.0.0.1"
         self._meetings = Meetings(gateway_host, forward)
+        self._cores = settings.cores or cpu_count()  # shared among a group's ranks here
         self._env = env
         self._blobs_dir = work_dir
         self._dir = work_dir / "ranks"
@@ -225,7 +227,7 @@ class RankHost:
             max_restarts=train.restarts,
             run_id=info.run_id,
             gpu_indices=r.gpus,
-            omp_threads=omp_threads_for(cpu_count(), info.local_world_size),
+            omp_threads=omp_threads_for(self._cores, info.local_world_size),
             backend=choose_backend(train.backend, [t.gpus] * info.world_size),
             init_timeout_s=train.init_timeout_s,
         )

@@ -229,7 +229,7 @@ class Worker:
         return WorkerHello(
             s.name,
             s.slots,
-            cpu_count(),
+            s.cores or cpu_count(),
             memory_bytes(),
             self.gpus,
             tags,

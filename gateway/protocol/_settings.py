@@ -226,9 +226,14 @@ class WorkerSettings:
     blender_env: str = ""
     use_blender: bool = True
     slurm_job_id: str = ""  # the Slurm job it runs in: $PILOT_SLURM_JOB_ID, $SLURM_JOB_ID
+    # The cores it counts as its own (--cores): what it registers and shares among its training
+    # ranks (OMP_NUM_THREADS). 0: every core it may run on. Local workers get their share.
+    cores: int = 0
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1 (got {self.slots}).")
+        if self.cores < 0:
+            raise ConfigError(f"--cores must be 0 (every core) or more (got {self.cores}).")
         if self.connection.secure:
             self.connection.worker_keys()  # raises: a user's file cannot register a worker
