@@ -353,8 +353,13 @@ def test_a_render_jobs_thumbnails_fill_in_live(
     )
     width = p.evaluate("document.querySelector('#gallery img').naturalWidth")
     assert width > 0  # a real PNG, decoded
-    page.shot(shots, "render")
     job.wait(JOB_TIMEOUT_S)
+    link = p.locator("#video")
+    link.wait_for()  # once the job has ended, its frames as a video
+    page.shot(shots, "render")
+    video = p.request.get(base_url(client) + link.get_attribute("href"))
+    assert video.status == 200 and video.headers["content-type"] == "video/mp4"
+    assert video.body()[4:8] == b"ftyp"
 
 
 def test_stats_per_attempt_and_per_worker(client: pilot.Client) -> None:
@@ -428,7 +433,7 @@ def test_the_magic_shows_a_link_and_an_embedded_dashboard(
 # -- users --------------------------------------------------------------------------------------
 
 
-def test_a_user_sees_only_their_jobs_and_the_cancel_button_only_on_their_own(
+def test_a_user_sees_only_their_jobs_the_cancel_button_only_on_their_own_and_is_out_once_removed(
     browser: Any, tmp_path: Path
 ) -> None:
     with pilot.LocalCluster(workers=1, secure=True, timeouts=TEST_TIMEOUTS) as secure:
@@ -463,6 +468,15 @@ def test_a_user_sees_only_their_jobs_and_the_cancel_button_only_on_their_own(
                 assert job_row(as_admin.page, theirs.id).locator("button").count() == 0
                 assert job_row(as_admin.page, ours.id).locator("button").count() == 1
                 as_admin.close()
+                jar = http.cookiejar.CookieJar()
+                opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+                opener.open(dashboard_link(alice).url, timeout=10)
+                assert opener.open(f"{base}/api/session", timeout=10).status == 200
+                removed = _pilot(secure, "user", "remove", "alice")
+                assert removed.returncode == 0, removed.stderr
+                with pytest.raises(urllib.error.HTTPError) as out:  # logged out at once
+                    opener.open(f"{base}/api/session", timeout=10)
+                assert out.value.code == 401
             finally:
                 theirs.cancel()
                 ours.cancel()

@@ -25,7 +25,7 @@ from gateway.server._dash_view import job_detail, live_job_row, stored_job_row
 from gateway.server._sched_events import JobCancel
 from gateway.server._stats import job_stats
 
-__all__ = ["ROUTES"]
+__all__ = ["ROUTES", "JobHandler"]
 
 
 class Login(Authed):
@@ -55,7 +55,9 @@ class SessionInfo(Authed):
         self.write_json({"user": s.who.name, "admin": s.who.admin, "csrf": s.csrf})
 
 
-class _JobHandler(Authed):
+class JobHandler(Authed):
+    """A handler about one job, the viewer's (or any, for the admin)."""
+
     def visible(self, job_id: str) -> dict[str, Any] | None:
         """The job's row, when the viewer may see it; else answers 404 and returns None."""
         gw, who = self.ctx.gateway, self.session.who
@@ -74,14 +76,14 @@ class _JobHandler(Authed):
         return row
 
 
-class JobDetail(_JobHandler):
+class JobDetail(JobHandler):
     def get(self, job_id: str) -> None:
         row = self.visible(job_id)
         if row is not None:
             self.write_json({"row": row, **job_detail(self.ctx.gateway, job_id)})
 
 
-class JobStatsHandler(_JobHandler):
+class JobStatsHandler(JobHandler):
     def get(self, job_id: str) -> None:
         if self.visible(job_id) is None:
             return
@@ -89,7 +91,7 @@ class JobStatsHandler(_JobHandler):
         self.write_json(asdict(stats) if stats is not None else {})
 
 
-class Cancel(_JobHandler):
+class Cancel(JobHandler):
     def post(self, job_id: str) -> None:
         if not self.check_csrf():
             return

@@ -7,7 +7,9 @@ one-time token for that principal (``DashboardAuth.issue``) and answers with
 the gateway sets a session cookie and redirects to the dashboard, so the token leaves the
 address bar and the history. The cookie is signed (tornado's signed cookies, HMAC-SHA256 with
 a secret of this gateway's, not the signing key that every connection file holds), HttpOnly,
-SameSite=Strict, and holds the user's name, whether they are the admin and their CSRF token.
+SameSite=Strict, and holds the user's name, whether they are the admin and their CSRF token; a
+user removed with ``pilot user remove`` is logged out at their next request (and their open
+pages are closed at the next batch of the live feed).
 
 Every handler but the login's derives from ``Authed``: without a valid session it answers 401
 (a page that says how to log in, or JSON for the API), and a state-changing request (POST)
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from gateway.server._dash_feed import Feed
     from gateway.server._server import Gateway
 
-__all__ = ["CSRF_HEADER", "Authed", "DashContext", "DashboardAuth"]
+__all__ = ["CSRF_HEADER", "Authed", "DashContext", "DashboardAuth", "still_a_user"]
 
 LOGIN_TOKEN_TTL_S = 600.0  # an unused login link expires after this long
 TOKENS_KEPT = 1024  # unused login tokens kept at most (the oldest go first)
@@ -102,6 +104,12 @@ class DashboardAuth:
         )
 
 
+def still_a_user(gateway: Gateway, who: Principal) -> bool:
+    """Whether ``who`` may still use the dashboard: on a secure gateway, a user removed with
+    ``pilot user remove`` may not (on an insecure one everyone is the admin)."""
+    return gateway.gate is None or gateway.gate.users.knows(who)
+
+
 @dataclass(slots=True)
 class DashContext:
     """What every dashboard handler is given: the gateway, its auth, the live feed and the
@@ -146,9 +154,10 @@ class Authed(tornado.web.RequestHandler):
             return None
         try:
             body = json.loads(raw)
-            return Session(Principal(str(body["u"]), bool(body["a"])), str(body["x"]))
+            session = Session(Principal(str(body["u"]), bool(body["a"])), str(body["x"]))
         except (ValueError, KeyError, TypeError):
             return None
+        return session if still_a_user(self.ctx.gateway, session.who) else None
 
     @property
     def session(self) -> Session:

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.websocket
 
-from gateway.protocol import JobInfo, JobKind, Output
-from gateway.server._dash_auth import Authed
+from gateway.protocol import JobInfo, JobKind, Output, Status
+from gateway.server._dash_auth import Authed, still_a_user
 from gateway.server._dash_view import (
     failed_rows,
     gateway_row,
@@ -47,6 +47,7 @@ from gateway.server._dash_view import (
 )
 
 if TYPE_CHECKING:
+    from gateway.server._registry import JobRecord
     from gateway.server._server import Gateway
     from gateway.server._users import Principal
 
@@ -115,7 +116,7 @@ class Feed:
         self._gone: OrderedDict[str, dict[str, Any]] = OrderedDict()  # left or lost workers
         self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         # jobs that ended since the last batch, with their final rows (the latest only)
-        self._ended: deque[tuple[JobInfo, JobKind]] = deque(maxlen=FINISHED_SHOWN)
+        self._ended: deque[tuple[Any, ...]] = deque(maxlen=FINISHED_SHOWN)
         self._kinds: dict[str, JobKind] = {}
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -190,8 +191,8 @@ class Feed:
         if len(self._pending) > PENDING_MAX:
             del self._pending[: len(self._pending) - PENDING_MAX]
 
-    def job_ended(self, info: JobInfo, kind: JobKind) -> None:
-        self._ended.append((info, kind))
+    def job_ended(self, job: JobRecord, state: Status, done: int, failed: int, error: str) -> None:
+        self._ended.append((job, state, done, failed, error, time.time()))  # no more here
 
     def worker_gone(self, name: str, why: str) -> None:
         self._gone[name] = {"name": name, "state": why, "heard": round(time.time())}
@@ -222,6 +223,10 @@ class Feed:
                 events.setdefault(out.job_id, []).append(e)
         self._pending = []
         for sock in list(self._sockets):
+            if not still_a_user(self._gw, sock.who):  # removed: their page is closed
+                sock.close(4001, "logged out")
+                self.remove(sock)
+                continue
             if sock.watching is not None:
                 sock.events.extend(events.get(sock.watching, ()))
                 row, last = jobs.get(sock.watching), sock.sent_jobs.get(sock.watching)
@@ -262,9 +267,14 @@ class Feed:
                 out_total += 1
         unsettled = sum(j.unsettled for j in gw.scheduler.jobs.values())
         live_ids = list(gw.registry.jobs)[-JOBS_SHOWN:]
-        for info, kind in self._ended:  # ended since the last batch: their final rows
-            self._finished[info.job_id] = stored_job_row(info, kind)
-            self._finished.move_to_end(info.job_id)
+        for job, state, done, failed, error, when in self._ended:  # ended since: final rows
+            spec = job.spec
+            info = JobInfo(
+                spec.job_id, spec.name, state, spec.n_tasks, done, failed, job.created, when,
+                error, owner=job.user,
+            )  # fmt: skip
+            self._finished[spec.job_id] = stored_job_row(info, spec.kind)
+            self._finished.move_to_end(spec.job_id)
         self._ended.clear()
         while len(self._finished) > FINISHED_SHOWN:
             self._finished.popitem(last=False)

@@ -161,7 +161,8 @@ def output_event(out: Output) -> dict[str, Any] | None:
         case OutputKind.FRAME if isinstance(out.data, FrameDone):
             f = out.data
             thumb = base64.b64encode(f.thumbnail).decode() if f.thumbnail else ""
-            return {"k": "f", "job": job, "frame": f.frame, "name": f.file.name, "thumb": thumb}
+            stored = bool(f.file.digest)  # in the gateway's blob store (a video can be made)
+            return {"k": "f", "job": job, "frame": f.frame, "stored": stored, "thumb": thumb}
         case OutputKind.STDOUT | OutputKind.STDERR:
             text = _text(out.data)[-TEXT_TAIL_CHARS:]
             event: dict[str, Any] = {

@@ -5,6 +5,7 @@ Runs on the gateway's own asyncio loop (tornado), listening where the gateway bi
 - ``_dash_auth``: login with one-time tokens that become a session cookie, CSRF, scrape token;
 - ``_dash_pages``: the page and its static files;
 - ``_dash_api``: the JSON API (status, a job's detail and stats, cancel);
+- ``_dash_video``: a render job's video, made from its stored frames;
 - ``_dash_feed``: the WebSocket feed, batched updates;
 - ``_dash_metrics``: Prometheus' ``/metrics``;
 - ``_dash_view``: the rows and events they all show.
@@ -23,7 +24,7 @@ import tornado.netutil
 import tornado.web
 
 from gateway.protocol import DashboardLink
-from gateway.server import _dash_api, _dash_pages
+from gateway.server import _dash_api, _dash_pages, _dash_video
 from gateway.server._dash_auth import DashboardAuth, DashContext
 from gateway.server._dash_feed import Feed, FeedSocket
 from gateway.server._dash_metrics import Metrics, registry_for
@@ -65,7 +66,8 @@ def start_http(gateway: Gateway, host: str, port: int) -> Dashboard:
     auth = DashboardAuth(gateway.settings.state_dir, url)
     ctx = DashContext(gateway, auth, Feed(gateway), f"pilot-session-{bound}")
     routes: list[Any] = [
-        (path, handler, {"ctx": ctx}) for path, handler in _dash_pages.ROUTES + _dash_api.ROUTES
+        (path, handler, {"ctx": ctx})
+        for path, handler in _dash_pages.ROUTES + _dash_api.ROUTES + _dash_video.ROUTES
     ]
     routes.append((r"/api/feed", FeedSocket, {"ctx": ctx}))
     routes.append((r"/metrics", Metrics, {"ctx": ctx, "registry": registry_for(gateway)}))

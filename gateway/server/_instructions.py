@@ -16,7 +16,6 @@ from typing import Any
 from gateway.protocol import (
     Assignment,
     Blob,
-    JobInfo,
     JobUpdate,
     Output,
     OutputKind,
@@ -243,13 +242,8 @@ class Executor:
         self._store.job_settled(ins.job_id, ins.state, error, ins.done, ins.failed)
         if job is None:
             return
-        if self.monitor.observers:  # the dashboard's feed: the job's final row
-            spec = job.spec
-            info = JobInfo(
-                ins.job_id, spec.name, ins.state, spec.n_tasks, ins.done, ins.failed,
-                job.created, time.time(), error, owner=job.user,
-            )  # fmt: skip
-            self.monitor.job_ended(info, spec.kind)
+        if self.monitor.observers:  # the dashboard's feed: what makes the job's final row
+            self.monitor.job_ended(job, ins.state, ins.done, ins.failed, error)
         for ident in job.subscribers:
             self._outbox.client(ident, JobUpdate(ins.job_id, ins.state, error))
 

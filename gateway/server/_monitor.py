@@ -10,8 +10,8 @@ gateway's loop:
   job's stderr (the worker handler, the executor). With no observer registered it costs one
   truth test; otherwise each observer gets the tuple (it keeps what it wants);
 - ``worker_gone(name, why)``: a worker was lost (``"lost"``) or left (``"left"``);
-- ``job_ended(info, kind)``: a job ended, with its final row (the executor builds it only
-  while someone observes);
+- ``job_ended(job, state, done, failed, error)``: a job ended (its record and outcome: the
+  executor calls it only while someone observes, and the observer makes what it shows);
 - ``sample(now)``: every tick (the gateway's ticker): the rate of settled tasks over the last
   ``RATE_WINDOW_S``.
 
@@ -27,9 +27,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from gateway.protocol import JobInfo, JobKind, Output
+from gateway.protocol import Output, Status
+
+if TYPE_CHECKING:
+    from gateway.server._registry import JobRecord
 
 __all__ = ["LATENCY_BUCKETS_S", "Histogram", "Monitor", "Observer"]
 
@@ -48,7 +51,9 @@ class Observer(Protocol):
 
     def worker_gone(self, name: str, why: str) -> None: ...
 
-    def job_ended(self, info: JobInfo, kind: JobKind) -> None: ...
+    def job_ended(
+        self, job: JobRecord, state: Status, done: int, failed: int, error: str
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -116,9 +121,9 @@ class Monitor:
         for o in self.observers:
             o.worker_gone(name, why)
 
-    def job_ended(self, info: JobInfo, kind: JobKind) -> None:
+    def job_ended(self, job: JobRecord, state: Status, done: int, failed: int, error: str) -> None:
         for o in self.observers:
-            o.job_ended(info, kind)
+            o.job_ended(job, state, done, failed, error)
 
     # -- observers ------------------------------------------------------------------------
 

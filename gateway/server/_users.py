@@ -142,6 +142,12 @@ class Users:
         """Who holds ``public_key`` (Z85) on the socket of ``domain``; None: nobody here."""
         return self._by_key.get(domain, {}).get(public_key)
 
+    def knows(self, who: Principal) -> bool:
+        """Whether ``who`` is still a user of this gateway (the admin always is): a dashboard
+        session of a removed user ends with their next request."""
+        self.refresh()
+        return who.admin or who in self._by_key[ZAP_CLIENTS].values()
+
 
 # -- what `pilot user` does ------------------------------------------------------------------
 

@@ -207,18 +207,34 @@ async function cancel(id) {
   if (r.status !== 200) alert(`Could not cancel: ${(await r.json()).error}`);
 }
 
+// A row is built again only when what it shows changed (its data, or its ETA's second): a
+// page with a busy gateway moves rows, it does not rebuild them four times a second.
+const ROWS = new Map();
+function row(kind, id, data, build) {
+  const key = JSON.stringify(data);
+  const cached = ROWS.get(kind + id);
+  if (cached && cached.key === key) return cached.node;
+  const node = build();
+  ROWS.set(kind + id, { key, node });
+  return node;
+}
+function forgetRows(kind, live) {
+  for (const k of ROWS.keys()) if (k.startsWith(kind) && !live.has(k.slice(kind.length))) ROWS.delete(k);
+}
+
 function jobsPage(main) {
   const jobs = [...S.jobs.values()].sort((a, b) => b.created - a.created);
+  forgetRows("job:", new Set(S.jobs.keys()));
   main.append(el("h1", {}, "Jobs"));
   if (!jobs.length) { main.append(el("div", { className: "empty" }, "No jobs yet.")); return; }
   main.append(table(["job", "name", "owner", "kind", "state", "progress", "ETA", "submitted", ""],
-    jobs.map((j) => el("tr", {
+    jobs.map((j) => row("job:", j.id, [j, eta(j)], () => el("tr", {
       className: "link", data: { job: j.id },
       on: { click: () => { location.hash = `#/jobs/${encodeURIComponent(j.id)}`; } },
     },
     el("td", { className: "muted" }, j.id), el("td", { className: "name" }, j.name), el("td", {}, j.owner),
     el("td", {}, j.kind), el("td", {}, badge(j.state)), el("td", {}, progress(j)),
-    el("td", {}, eta(j)), el("td", { className: "muted" }, clock(j.created)), el("td", {}, cancelButton(j))))));
+    el("td", {}, eta(j)), el("td", { className: "muted" }, clock(j.created)), el("td", {}, cancelButton(j)))))));
 }
 
 function jobPage(main, chosenMetric) {
@@ -253,7 +269,11 @@ function jobPage(main, chosenMetric) {
 
 function gallery(main, d) {
   const frames = [...d.frames.values()].sort((a, b) => a.frame - b.frame);
-  main.append(el("h2", {}, `Frames (${frames.length})`));
+  const j = S.jobs.get(d.id);
+  const video = j && FINISHED.has(j.state) && frames.some((f) => f.stored)
+    ? el("a", { id: "video", href: `/api/jobs/${encodeURIComponent(d.id)}/video.mp4`, target: "_blank" }, "video (MP4)")
+    : "";
+  main.append(el("h2", {}, `Frames (${frames.length}) `, video));
   if (!frames.length) { main.append(el("div", { className: "empty" }, "No frame yet.")); return; }
   main.append(el("div", { className: "gallery", id: "gallery" }, frames.map((f) => f.node)));
 }
