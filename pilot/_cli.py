@@ -339,11 +339,8 @@ def _status(args: argparse.Namespace) -> int:
         for w in reply.workers:
             gpus = f", {len(w.gpus)} GPUs" if w.gpus else ""
             tags = f", tags {','.join(w.tags)}" if w.tags else ""
-            slurm = f", Slurm job {w.slurm_job_id}" if w.slurm_job_id else ""
-            print(
-                f"  {w.name}: {w.running}/{w.slots} slots busy{gpus}{tags}, {w.tasks_done} "
-                f"done{slurm}"
-            )
+            gpus += f", Slurm job {w.slurm_job_id}" if w.slurm_job_id else ""
+            print(f"  {w.name}: {w.running}/{w.slots} slots busy{gpus}{tags}, {w.tasks_done} done")
         for j in reply.jobs:
             print(f"  job {j.job_id} {j.name}: {STATES[j.state]} {j.done}/{j.n_tasks}")
     if args.wait_workers and len(reply.workers) < args.wait_workers:
