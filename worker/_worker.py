@@ -44,6 +44,7 @@ from gateway.protocol import (
     Assign,
     BlobReply,
     CancelTasks,
+    ErrorReply,
     Goodbye,
     Heartbeat,
     InputReply,
@@ -294,6 +295,10 @@ class Worker:
             case Refused(reason=reason):
                 log.error("gateway refused this worker: %s", reason)
                 self._stop.set()
+            case ErrorReply(error=error, code=code):
+                log.error(
+                    "the gateway could not handle a message of ours (%s): %s", code.name, error
+                )
             case _:
                 log.warning("unexpected message from the gateway: %s", type(msg).__name__)
 
