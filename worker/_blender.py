@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 PROBE_TIMEOUT_S = 30.0  # a cold start from a network disk can take seconds
+PROBE_CACHE = Path.home() / ".cache" / "parallel-pilot" / "blender-versions.json"
 CANCEL_GRACE_S = 1.0  # SIGTERM to SIGKILL
 CANCEL_DEADLINE_S = 2.0  # cancel() returns within this
 MAX_CONFIG_BYTES = 100_000  # the config travels in argv (Linux: 128 KiB per argument)
@@ -160,8 +161,44 @@ def find_blender(
 
 
 def probe_blender(exe: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> BlenderInfo:
-    """Run ``blender -b --factory-startup --version``; its version, or ``BlenderError``."""
-    exe, found = os.path.abspath(exe), None
+    """Run ``blender -b --factory-startup --version``; its version, or ``BlenderError``.
+
+    A working probe is remembered (``PROBE_CACHE``, keyed by the executable's path, size and
+    modification time): starting Blender takes a second or more, and a worker starts often."""
+    exe = os.path.abspath(exe)
+    key = _probe_key(exe)
+    known = _probe_cache().get(key) if key else None
+    if known:
+        return BlenderInfo(path=exe, version=known)
+    info = _probe(exe, timeout_s)
+    if key:
+        with contextlib.suppress(OSError):  # a cache that cannot be written costs a probe
+            cache = {**_probe_cache(), key: info.version}
+            PROBE_CACHE.parent.mkdir(parents=True, exist_ok=True)
+            tmp = PROBE_CACHE.with_suffix(f".{os.getpid()}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, PROBE_CACHE)
+    return info
+
+
+def _probe_key(exe: str) -> str:
+    try:
+        st = os.stat(exe)
+    except OSError:
+        return ""
+    return f"{exe}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _probe_cache() -> dict[str, str]:
+    try:
+        data = json.loads(PROBE_CACHE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _probe(exe: str, timeout_s: float) -> BlenderInfo:
+    found = None
     command = [exe, "-b", "--factory-startup", "--version"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
