@@ -150,7 +150,9 @@ def run_torchrun(steps: int, global_batch: int) -> dict[str, Any]:
         # The same threads per rank as Parallel Pilot gives (torchrun would say 1).
         env = dict(os.environ, OMP_NUM_THREADS=str(_threads_per_rank()))
         submitted = time.time()
-        subprocess.run(cmd, env=env, check=True, timeout=RUN_TIMEOUT_S, capture_output=True)
+        done = subprocess.run(cmd, env=env, timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun exited {done.returncode}:\n{done.stderr[-3000:]}")
         result = json.loads(out.read_text())
     result["submitted"] = submitted
     return result
