@@ -26,7 +26,8 @@ from tests_support import TEST_TIMEOUTS, wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
-START_S = 90.0  # a worker job from sbatch to registered (pending, Python start-up)
+START_S = 180.0  # a worker job from sbatch to registered (pending, Python start-up; a loaded
+# machine delays slurmd and the job's start)
 
 
 @pytest.fixture(scope="module")
