@@ -48,7 +48,7 @@ Figures per repeat, then their median over the repeats and the worst repeat:
 
 What bounds the speed-up: with one chunk per worker each worker pays Blender's start-up ``S``
 (``plain fixed s``) as the plain run does, so even with no overhead and two free cores it is
-``(S + 48 f) / (S + 24 f)`` for frames of ``f`` s: 1.83 for S = 1.2 s and f = 0.26 s, 1.88 for
+``(S + 48 f) / (S + 24 f)`` for frames of ``f`` s: 1.84 for S = 1.2 s and f = 0.26 s, 1.89 for
 f = 0.4 s. On a shared 2-core machine the two Blenders also compete with everything else that
 runs (``load`` is the 1-minute load average when the repeat started).
 
