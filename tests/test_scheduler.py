@@ -492,3 +492,11 @@ def test_a_stopped_rank_that_never_answers_is_given_up_after_a_while() -> None:
     s.handle(WorkerHeard("a", 1.0 + GANG_STOP_S))
     (placed,) = gangs(s.handle(Tick(1.0 + GANG_STOP_S)))
     assert placed.restart == 1 and placed.world == 2
+
+
+def test_long_tasks_are_never_prefetched_so_every_worker_gets_a_chunk() -> None:
+    s = sched(prefetch=4)
+    join(s, "w1", slots=1)
+    join(s, "w2", slots=1)
+    out = s.handle(JobAdded("render", 4, CPU, 0.0, long_tasks=True))
+    assert sorted(w for w, *_ in assigns(out)) == ["w1", "w2"], "one chunk each, none queued"

@@ -359,6 +359,7 @@ def job_added(spec: JobSpec, now: float, settings: GatewaySettings, **recovery: 
         data_keys=spec.data_keys,
         family=spec.fn_digest,
         retry_errors=spec.retry_errors,
+        long_tasks=spec.kind == JobKind.RENDER,
         gang=spec.kind == JobKind.DDP,
         min_tasks=train.min_ranks if train is not None else 0,
         restarts=train.restarts if train is not None else 0,

@@ -26,6 +26,7 @@ class JobAdded:
     orphan_workers: tuple[str, ...] = ()  # recovery: orphans[i] ran on orphan_workers[i]
     family: str = ""  # jobs of one family (the same function) have alike task durations
     retry_errors: bool = False  # retry attempts whose code raised, too
+    long_tasks: bool = False  # never prefetched (renders: a queued chunk idles a worker)
     gang: bool = False  # training ranks: all placed at once, restarted together
     min_tasks: int = 0  # a gang may restart on fewer ranks, down to this many (0: all)
     restarts: int = 0  # a gang's group restarts

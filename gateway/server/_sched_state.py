@@ -47,6 +47,7 @@ class _Job:
     failed: int = 0  # tasks that failed for good
     state: Status = Status.QUEUED
     retry_errors: bool = False
+    long_tasks: bool = False  # never prefetched
     # a gang (training ranks): placed all at once; any rank's failure restarts the whole group
     gang: bool = False
     world: int = 0  # ranks in the current group (it may shrink on a restart, to min_tasks)

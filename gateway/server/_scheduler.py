@@ -195,6 +195,7 @@ class Scheduler:
         job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, [], family=ev.family)
         job.data_keys = ev.data_keys
         job.retry_errors = ev.retry_errors
+        job.long_tasks = ev.long_tasks
         job.gang, job.world, job.restarts = ev.gang, ev.n_tasks, ev.restarts
         job.min_tasks = min(ev.min_tasks, ev.n_tasks) if ev.min_tasks > 0 else ev.n_tasks
         job.tasks = [_Task(i) for i in range(ev.n_tasks)]
@@ -604,7 +605,7 @@ class Scheduler:
 
     def _prefetch_for(self, job: _Job) -> int:
         """How many slots' worth of ``job``'s tasks a worker may hold beyond its slots."""
-        if job.resources.gpus or not self.policy.prefetch:
+        if job.resources.gpus or job.long_tasks or not self.policy.prefetch:
             return 0
         if job.duration_n:
             mean = job.duration_sum_s / job.duration_n
