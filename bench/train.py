@@ -149,8 +149,14 @@ def run_torchrun(steps: int, global_batch: int) -> dict[str, Any]:
         cmd += ["--global-batch", str(global_batch)]
         # The same threads per rank as Parallel Pilot gives (torchrun would say 1).
         env = dict(os.environ, OMP_NUM_THREADS=str(_threads_per_rank()))
-        submitted = time.time()
-        done = subprocess.run(cmd, env=env, timeout=RUN_TIMEOUT_S, capture_output=True, text=True)
+        for attempt in (1, 2):  # torchrun's own ranks were seen to abort (SIGABRT) once
+            submitted = time.time()
+            done = subprocess.run(
+                cmd, env=env, timeout=RUN_TIMEOUT_S, capture_output=True, text=True
+            )
+            if done.returncode == 0 or "Signal" not in done.stderr or attempt == 2:
+                break
+            print("torchrun's ranks died by a signal: running it again", file=sys.stderr)
         if done.returncode != 0:
             raise RuntimeError(f"torchrun exited {done.returncode}:\n{done.stderr[-3000:]}")
         result = json.loads(out.read_text())
