@@ -14,12 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from gateway.client._video import count_frames
-from tests_support import pilot_up
+from tests_support import outputs_of, pilot_up, run_notebook
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "render.ipynb"
 CELL_TIMEOUT_S = 300  # a render cell on a loaded 2-core machine: Blender starts, 24 frames
@@ -32,29 +30,6 @@ pytestmark = [
 ]
 
 
-def run_notebook(path: Path, env: dict[str, str]) -> nbformat.NotebookNode:
-    """Execute ``path`` in its folder with ``env`` in the kernel's environment; returns it."""
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},
-    )
-    old = dict(os.environ)
-    os.environ.update(env)  # the kernel inherits PILOT_HOME
-    try:
-        return client.execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-
-
-def outputs_of(nb: nbformat.NotebookNode, starts: str) -> list[dict]:
-    (cell,) = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(starts)]
-    return cell.outputs
-
-
 def test_render_notebook_previews_frames_shows_the_video_and_renders_missing_frames(
     tmp_path: Path,
 ) -> None:
@@ -63,7 +38,11 @@ def test_render_notebook_previews_frames_shows_the_video_and_renders_missing_fra
     shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
     env = {**os.environ, "PILOT_HOME": str(tmp_path / "home")}
     with pilot_up(env) as up:
-        nb = run_notebook(work / NOTEBOOK.name, {**up, "IPYTHONDIR": str(tmp_path / "ipython")})
+        nb = run_notebook(
+            work / NOTEBOOK.name,
+            {**up, "IPYTHONDIR": str(tmp_path / "ipython")},
+            timeout=CELL_TIMEOUT_S,
+        )
 
     render = outputs_of(nb, "%%distribute --render")
     data = [o.get("data", {}) for o in render if o.output_type == "display_data"]

@@ -15,11 +15,9 @@ import os
 import shutil
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
-from tests_support import pilot_up
+from tests_support import outputs_of, pilot_up, run_notebook
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -28,29 +26,6 @@ NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "train-classifier.ipynb"
 CELL_TIMEOUT_S = 300  # the training cell on a loaded 2-core machine: two ranks import torch
 
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def run_notebook(path: Path, env: dict[str, str]) -> nbformat.NotebookNode:
-    """Execute ``path`` in its folder with ``env`` in the kernel's environment; returns it."""
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(path.parent)}},
-    )
-    old = dict(os.environ)
-    os.environ.update(env)  # the kernel inherits PILOT_HOME
-    try:
-        return client.execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-
-
-def outputs_of(nb: nbformat.NotebookNode, starts: str) -> list[dict]:
-    (cell,) = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(starts)]
-    return cell.outputs
 
 
 def text_of(outputs: list[dict]) -> str:
@@ -65,7 +40,11 @@ def test_train_classifier_notebook_trains_with_ddp_and_classifies_with_a_cached_
     shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
     env = {**os.environ, "PILOT_HOME": str(tmp_path / "home")}
     with pilot_up(env) as up:
-        nb = run_notebook(work / NOTEBOOK.name, {**up, "IPYTHONDIR": str(tmp_path / "ipython")})
+        nb = run_notebook(
+            work / NOTEBOOK.name,
+            {**up, "IPYTHONDIR": str(tmp_path / "ipython")},
+            timeout=CELL_TIMEOUT_S,
+        )
 
     train = outputs_of(nb, "%%distribute --ddp 2")
     text = text_of(train)

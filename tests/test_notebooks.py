@@ -6,11 +6,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from tests_support import pilot_up as running_pilot_up
+from tests_support import run_notebook
 
 pytestmark = pytest.mark.system
 
@@ -22,20 +21,6 @@ def pilot_up(tmp_path_factory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("home")
     with running_pilot_up({**os.environ, "PILOT_HOME": str(home)}) as env:
         yield env
-
-
-def run_notebook(path: Path, env: dict[str, str], kernel_name: str = "python3") -> None:
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(
-        nb, timeout=120, kernel_name=kernel_name, resources={"metadata": {"path": str(path.parent)}}
-    )
-    old = dict(os.environ)
-    os.environ.update(env)  # the kernel inherits PILOT_HOME
-    try:
-        client.execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
 
 
 def test_quickstart_notebook(pilot_up: dict[str, str], tmp_path) -> None:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,3 +163,34 @@ class ThreadGateway:
             return fn(self.gateway)
 
         return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+
+def run_notebook(
+    path: Path, env: dict[str, str], *, timeout: float = 120, kernel_name: str = "python3"
+) -> Any:
+    """Execute the notebook at ``path`` in its folder through nbclient, with ``env`` in the
+    kernel's environment (it inherits PILOT_HOME); returns the executed notebook. Each cell has
+    ``timeout`` seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name=kernel_name,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def outputs_of(nb: Any, starts: str) -> list[dict]:
+    """The outputs of the one code cell whose source starts with ``starts``."""
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(starts)]
+    return cell.outputs
