@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from gateway.client import Client, Job
 from gateway.protocol import (
     ConfigError,
     DataError,
@@ -38,8 +38,21 @@ from gateway.protocol import (
     find_connection,
 )
 from pilot._cached import cached
-from pilot._cluster import LocalCluster
-from pilot._slurm import SlurmWorkers
+
+if TYPE_CHECKING:
+    from gateway.client import Client, Job
+    from pilot._cluster import LocalCluster
+    from pilot._slurm import SlurmWorkers
+
+# Imported on first use: `python -m pilot gateway` and `pilot worker` (and every task process,
+# which imports pilot for pilot.cached and pilot.output_dir) need none of them, and they cost
+# a start a twentieth of a second.
+_LAZY = {
+    "Client": "gateway.client",
+    "Job": "gateway.client",
+    "LocalCluster": "pilot._cluster",
+    "SlurmWorkers": "pilot._slurm",
+}
 
 __all__ = [
     "Client",
@@ -80,4 +93,21 @@ def connect(target: str | Path | None = None, *, name: str = "") -> Client:
     """Connect to a gateway: ``target`` is a connection file or ``tcp://HOST:PORT``; without it,
     ``PILOT_CONNECT``, then ``$PILOT_HOME/connection.json``. Raises ``NoGateway`` with how to
     start one."""
+    from gateway.client import Client
+
     return Client(find_connection(target), name=name)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pilot' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups are plain module attributes
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -16,9 +16,8 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.client import Client
 from gateway.protocol import (
     ConfigError,
     ConnectionInfo,
@@ -36,6 +35,9 @@ from pilot._dashboard_cli import add_dashboard_parsers
 from pilot._discovery import worker_connection
 from pilot._scale_cli import add_scale_parser
 from pilot._user_cli import add_user_parser
+
+if TYPE_CHECKING:  # imported where used: `pilot gateway` and `pilot worker` start faster
+    from gateway.client import Client
 
 __all__ = ["ConnectionInfo", "main"]
 
@@ -313,6 +315,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _client() -> Client:
+    from gateway.client import Client
+
     return Client(find_connection())
 
 
@@ -393,7 +397,3 @@ def _kernel(args: argparse.Namespace) -> int:
         path = uninstall(name=args.name, **where)
         print(f"removed {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

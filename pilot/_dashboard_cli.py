@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from gateway.client import Client, dashboard_link, job_stats
 from gateway.protocol import ConfigError, JobStats, TaskStatus, find_connection
 
 __all__ = ["add_dashboard_parsers", "format_stats"]
@@ -38,6 +37,8 @@ def add_dashboard_parsers(sub: Any) -> None:
 
 
 def _dashboard(args: Any) -> int:
+    from gateway.client import Client, dashboard_link
+
     with Client(find_connection()) as c:
         link = dashboard_link(c, scrape=args.scrape_token)
     if not link.url:
@@ -61,6 +62,8 @@ def _dashboard(args: Any) -> int:
 
 
 def _stats(args: Any) -> int:
+    from gateway.client import Client, job_stats
+
     with Client(find_connection()) as c:
         stats = job_stats(c, args.job)
     if args.json:

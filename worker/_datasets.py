@@ -16,13 +16,14 @@ import contextlib
 import json
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
-
-import fsspec.core
-from fsspec import AbstractFileSystem
+from typing import TYPE_CHECKING, Any
 
 from gateway.protocol import DataError, DataRef
 from worker._cache import DiskCache
+
+if TYPE_CHECKING:  # fsspec is imported on first use: most tasks read no dataset
+    import fsspec.core
+    from fsspec import AbstractFileSystem
 
 __all__ = ["filesystem", "materialize", "version_token"]
 
@@ -59,6 +60,8 @@ def materialize(ref: DataRef, cache: DiskCache | None = None) -> list[Any]:
 def filesystem(url: str, storage_options: Mapping[str, Any]) -> tuple[AbstractFileSystem, str]:
     """Return ``(fs, path)`` for ``url``, reusing this process's filesystem for the same
     scheme and options."""
+    import fsspec.core
+
     scheme, sep, _ = url.partition("://")
     if not sep or "::" in url:
         # Local paths and chained URLs: fsspec's own instance cache is enough here.
@@ -87,6 +90,8 @@ def version_token(info: Mapping[str, Any]) -> str:
 
 
 def _open(url: str, options: Mapping[str, Any]) -> fsspec.core.OpenFile:
+    import fsspec.core
+
     with _as_data_error(url):
         return fsspec.core.OpenFile(*filesystem(url, options), mode="rb")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import os
 import pickle
 import site
@@ -76,6 +75,8 @@ def _local_module(fn: Any) -> ModuleType | None:
 
 @functools.cache
 def _distributed_packages() -> frozenset[str]:
+    import importlib.metadata  # on first use: it costs a start-up 15 ms, and workers never need it
+
     return frozenset(importlib.metadata.packages_distributions())
 
 
