@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,25 +23,21 @@ from gateway.protocol import (
     ConnectionInfo,
     GatewaySettings,
     NoGateway,
-    OutputKind,
     PilotError,
-    Status,
     WorkerSettings,
     default_home,
-    find_connection,
     new_key,
 )
+from pilot._ask_cli import add_ask_parsers
 from pilot._dashboard_cli import add_dashboard_parsers
 from pilot._discovery import worker_connection
 from pilot._scale_cli import add_scale_parser
 from pilot._user_cli import add_user_parser
 
 if TYPE_CHECKING:  # imported where used: `pilot gateway` and `pilot worker` start faster
-    from gateway.client import Client
+    pass
 
 __all__ = ["ConnectionInfo", "main"]
-
-STATES = {s.value: s.name.lower() for s in Status}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--slots", type=int, default=1)
     up.add_argument("--blender", default=None, help="Blender for the workers to render with")
     up.add_argument("--secure", action="store_true", help="CurveZMQ on every socket, users")
+    up.add_argument(
+        "--bind", default="127.0.0.1", help="the gateway's address (0.0.0.0: every interface)"
+    )
     up.set_defaults(run=_up)
 
     gw = sub.add_parser("gateway", help="run a gateway")
@@ -97,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     wk.add_argument("--name", default=None)
     wk.add_argument("--cache-size", default="20GB")
     wk.add_argument("--cache-dir", type=Path, default=None, help="default $PILOT_HOME/cache/NAME")
+    wk.add_argument(
+        "--stop-grace", type=float, default=None, help="on SIGTERM, s to finish running tasks"
+    )
     render = wk.add_mutually_exclusive_group()
     render.add_argument(
         "--blender", default=None, help="Blender to render with (default $PILOT_BLENDER, PATH)"
@@ -106,27 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     wk.set_defaults(run=_worker)
 
-    st = sub.add_parser("status", help="workers and running jobs")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--wait-workers", type=int, default=0)
-    st.add_argument("--timeout", type=float, default=30.0)
-    st.set_defaults(run=_status)
-
-    jobs = sub.add_parser("jobs", help="recent jobs")
-    jobs.add_argument("--limit", type=int, default=20)
-    jobs.add_argument("--json", action="store_true")
-    jobs.set_defaults(run=_jobs)
-
-    cancel = sub.add_parser("cancel", help="cancel a job")
-    cancel.add_argument("job")
-    cancel.set_defaults(run=_cancel)
-
-    logs = sub.add_parser("logs", help="a job's kept outputs")
-    logs.add_argument("job")
-    logs.add_argument("task", nargs="?", type=int, default=-1)
-    logs.set_defaults(run=_logs)
-
-    for add_parsers in (add_scale_parser, add_user_parser, add_dashboard_parsers):
+    for add_parsers in (add_ask_parsers, add_scale_parser, add_user_parser, add_dashboard_parsers):
         add_parsers(sub)
 
     kernel = sub.add_parser("kernel", help="install the Parallel Pilot Jupyter kernel")
@@ -267,6 +249,12 @@ def _worker(args: argparse.Namespace) -> int:
         # a worker in a Slurm job says which (the script `pilot scale slurm` writes sets it)
         slurm_job_id=os.environ.get("PILOT_SLURM_JOB_ID") or os.environ.get("SLURM_JOB_ID", ""),
     )
+    if args.stop_grace is not None:
+        if args.stop_grace < 0:
+            raise ConfigError(f"--stop-grace cannot be negative (got {args.stop_grace}).")
+        settings = replace(
+            settings, timeouts=replace(settings.timeouts, stop_grace_s=args.stop_grace)
+        )
 
     async def serve() -> None:
         async with Worker(settings) as w:
@@ -284,8 +272,15 @@ def _up(args: argparse.Namespace) -> int:
 
     home = default_home()
     t0 = time.perf_counter()
+    if args.workers < 0:
+        raise ConfigError(f"--workers cannot be negative (got {args.workers}).")
     cluster = LocalCluster(
-        args.workers, slots=args.slots, home=home, blender=args.blender, secure=args.secure
+        args.workers,
+        slots=args.slots,
+        home=home,
+        blender=args.blender,
+        secure=args.secure,
+        gateway_args=("--bind", args.bind),
     )
     stop = False
 
@@ -308,81 +303,6 @@ def _up(args: argparse.Namespace) -> int:
         while not stop:
             signal.pause()
     print("stopped.")
-    return 0
-
-
-# -- asking a gateway ---------------------------------------------------------------------
-
-
-def _client() -> Client:
-    from gateway.client import Client
-
-    return Client(find_connection())
-
-
-def _client_within(deadline: float) -> Client:
-    """A client, waiting for the gateway to appear (its connection file) until ``deadline``."""
-    while True:
-        try:
-            return _client()
-        except NoGateway:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)  # polling for a file another process will write
-
-
-def _status(args: argparse.Namespace) -> int:
-    deadline = time.monotonic() + (args.timeout if args.wait_workers else 0.0)
-    with _client_within(deadline) as c:
-        left = max(0.0, deadline - time.monotonic())
-        reply = c.status(args.wait_workers, left if args.wait_workers else 0.0)
-    if args.json:
-        print(json.dumps(asdict(reply), indent=2, default=str))
-    else:
-        print(f"gateway {reply.gateway_id}: {len(reply.workers)} workers, {len(reply.jobs)} jobs")
-        for w in reply.workers:
-            gpus = f", {len(w.gpus)} GPUs" if w.gpus else ""
-            tags = f", tags {','.join(w.tags)}" if w.tags else ""
-            gpus += f", Slurm job {w.slurm_job_id}" if w.slurm_job_id else ""
-            print(f"  {w.name}: {w.running}/{w.slots} slots busy{gpus}{tags}, {w.tasks_done} done")
-        for j in reply.jobs:
-            print(f"  job {j.job_id} {j.name}: {STATES[j.state]} {j.done}/{j.n_tasks}")
-    if args.wait_workers and len(reply.workers) < args.wait_workers:
-        return 1
-    return 0
-
-
-def _jobs(args: argparse.Namespace) -> int:
-    with _client() as c:
-        jobs = c.jobs(args.limit)
-    if args.json:
-        print(json.dumps([asdict(j) for j in jobs], indent=2))
-        return 0
-    for j in jobs:
-        when = time.strftime("%H:%M:%S", time.localtime(j.created))
-        print(f"{j.job_id}  {when}  {STATES[j.state]:9}  {j.done}/{j.n_tasks}  {j.name}")
-    return 0
-
-
-def _cancel(args: argparse.Namespace) -> int:
-    with _client() as c:
-        job = c.attach(args.job)
-        job.cancel()
-    print(f"cancelled {args.job}")
-    return 0
-
-
-def _logs(args: argparse.Namespace) -> int:
-    with _client() as c:
-        outs = c.logs(args.job, args.task)
-    for out in outs:
-        if out.kind in (OutputKind.STDOUT, OutputKind.STDERR):
-            stream = sys.stdout if out.kind == OutputKind.STDOUT else sys.stderr
-            stream.write(out.data.decode(errors="replace"))
-        elif out.kind == OutputKind.DISPLAY:
-            print(out.data.get("text/plain", "<display>"))
-        elif out.kind == OutputKind.METRICS:  # a training rank's pt.report(), one JSON line
-            print(f"[metrics] {json.dumps(out.data)}")
     return 0
 
 

@@ -65,6 +65,7 @@ log = logging.getLogger("pilot.slurm")
 
 JOB_NAME = "pilot-worker"
 WARNING_S = 120  # SIGTERM this long before the time limit: the worker's stop grace and a margin
+EXIT_MARGIN_S = 20  # of the warning, what a worker needs after its stop grace to hand back and go
 SLURM_COMMAND_TIMEOUT_S = 60.0  # sbatch/squeue/scancel retry a silent slurmctld for a long time
 # Node-local, shared by this user's workers on a node (the cache coordinates them by file locks).
 DEFAULT_CACHE_DIR = "${TMPDIR:-/tmp}/pilot-cache-$(id -u)"
@@ -213,6 +214,8 @@ class SlurmWorkers:
         ]
         if self.tags:
             worker += ["--tags", ",".join(self.tags)]
+        if self.warning_s:  # running tasks may use the warning, but for the margin to leave
+            worker += ["--stop-grace", str(max(1, self.warning_s - EXIT_MARGIN_S))]
         worker += self.worker_args
         command = " ".join(shlex.quote(a) for a in worker)
         return "\n".join(

@@ -14,6 +14,7 @@ import http.cookiejar
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -293,6 +294,39 @@ def test_pilot_up_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert server.interrupt() == 0, server.logs()
         assert not (home / "connection.json").exists()
         assert "stopped." in _tail(server.out)
+
+
+def _this_hosts_address() -> str:
+    """An IPv4 address of this machine that is not loopback (its network interface's)."""
+    import ipaddress
+
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                return str(a.address)
+    pytest.fail("this machine has no IPv4 address but loopback: the test needs one")
+
+
+def test_pilot_up_with_no_workers_on_every_interface_takes_a_worker_from_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """``pilot up --workers 0 --bind 0.0.0.0``, the gateway alone on a login node (issue 14):
+    it is secure by default off loopback, and a worker reaches it at this host's address."""
+    home = tmp_path / "home"
+    env = cli_env(home)
+    with running(["up", "--workers", "0", "--bind", "0.0.0.0"], env, home / "logs", "up") as server:
+        server.wait_for(lambda: "Press Ctrl-C" in _tail(server.out), "pilot up's ready line")
+        info = json.loads((home / "connection.json").read_text())
+        assert info["worker_url"].startswith("tcp://0.0.0.0:"), info
+        assert info.get("server_key"), "secure by default on every interface"
+        port = info["worker_url"].rsplit(":", 1)[1]
+        address = f"tcp://{_this_hosts_address()}:{port}"  # keys: from the connection file
+        args = ["worker", "--connect", address, "--name", "elsewhere"]
+        with running(args, env, home / "logs", "worker"):
+            status = json.loads(ok(pilot_cli("status", "--wait-workers", "1", "--json", env=env)))
+        assert [w["name"] for w in status["workers"]] == ["elsewhere"]
 
 
 # -- a gateway and a worker started separately ------------------------------------------------

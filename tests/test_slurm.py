@@ -21,7 +21,7 @@ from slurm import SlurmCluster
 from slurm import slurm_fixture as slurm_fixture  # the `slurm` fixture
 
 import pilot
-from gateway.protocol import TaskDone, WorkerInfo
+from gateway.protocol import OutputKind, TaskDone, WorkerInfo
 from tests_support import TEST_TIMEOUTS, wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -274,3 +274,67 @@ def test_no_sbatch_on_path_is_a_config_error(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(pilot.ConfigError, match="`sbatch` was not found"):
         pilot.SlurmWorkers(connection=gateway.connection_file).submit(1)
+
+
+# -- a training rank on a worker that Slurm ends ----------------------------------------------
+
+
+def trains_with_checkpoints(steps: int, every: int, step_s: float) -> dict[str, int]:
+    """A small DDP training loop that checkpoints every ``every`` steps and resumes from the
+    latest checkpoint (``pilot.train``)."""
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import pilot.train as pt
+
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    state = pt.restore()
+    start = 0 if state is None else state["step"] + 1
+    if state is not None:
+        model.module.load_state_dict(state["model"])
+    for step in range(start, steps):
+        loss = model(torch.ones(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pt.report(step=step, restart=restart)
+        if step % every == 0:
+            pt.checkpoint({"step": step, "model": model.module.state_dict()})
+        time.sleep(step_s)
+    return {"start": start, "restart": restart, "world": dist.get_world_size()}
+
+
+@pytest.mark.timeout(600)  # two worker jobs start, then ranks that import torch
+def test_a_training_rank_on_a_drained_worker_restarts_from_its_checkpoint(
+    slurm: SlurmCluster, client: pilot.Client, workers: pilot.SlurmWorkers
+) -> None:
+    pytest.importorskip("torch")
+    # A 1 s stop grace (its default is the warning less a margin): a training rank cannot
+    # finish in it, so the drained worker stops it and the group restarts without it.
+    graceful = pilot.SlurmWorkers(
+        partition=slurm.partition,
+        connection=workers.connection,
+        log_dir=workers.log_dir,
+        worker_args=("--stop-grace", "1"),
+    )
+    graceful.scale(2)
+    wait_workers(client, 2)
+    job = client.train(trains_with_checkpoints, 60, 5, 0.2, ranks=2, restarts=2, min_ranks=1)
+    for out in job.stream():
+        if out.kind == OutputKind.CHECKPOINT and out.item >= 2:  # steps 0, 5 and 10 saved
+            break
+    victim = next(j for j in graceful.jobs())
+    graceful.drain([victim])  # Slurm's SIGTERM, as at the time limit or on preemption
+    wait_until(lambda: slurm.job_state(victim.job_id) == "", 60, "the drained job ended")
+    job.wait(300)
+    [result] = job.results  # the group shrank to the worker left
+    assert result["world"] == 1 and result["restart"] == 1
+    assert 10 < result["start"] < 60, "it resumed after the checkpoint of step 10 at least"
+    assert next(m["step"] for m in job.metrics if m["restart"] == 1) == result["start"]

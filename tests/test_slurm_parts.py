@@ -58,6 +58,7 @@ def test_the_script_asks_slurm_for_what_was_given(connection: Path, tmp_path: Pa
     assert 'export PILOT_SLURM_JOB_ID="$SLURM_JOB_ID"' in lines
     exec_line = next(line for line in lines if line.startswith("exec "))
     assert f"-m pilot worker --connect {connection} --slots 8 --tags big" in exec_line
+    assert "--stop-grace 100" in exec_line, "the warning less the margin to leave"
     assert "ab" * 32 not in script, "the key stays in the connection file"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 import time
 import uuid
@@ -348,13 +349,20 @@ def test_cancel_stops_every_rank_and_its_children(client: pilot.Client) -> None:
 
 @pytest.fixture
 def own_cluster() -> Iterator[pilot.LocalCluster]:
-    with pilot.LocalCluster(workers=2, timeouts=TEST_TIMEOUTS) as c:
+    # A SIGTERM'd worker waits 1 s for its running tasks (30 s by default): a training rank
+    # that cannot finish in that time is stopped.
+    grace = ("--stop-grace", "1")
+    with pilot.LocalCluster(workers=2, timeouts=TEST_TIMEOUTS, worker_args=grace) as c:
         yield c
 
 
-def test_a_killed_worker_restarts_the_group_from_its_last_checkpoint(
-    own_cluster: pilot.LocalCluster,
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_lost_worker_restarts_the_group_from_its_last_checkpoint(
+    own_cluster: pilot.LocalCluster, how: str
 ) -> None:
+    """SIGKILL: the worker dies. SIGTERM: it drains, as Slurm ends a worker at its time limit
+    or on preemption (``--signal=B:TERM``) and as ``pilot scale`` scales down: a training rank
+    cannot finish in the grace period, so it stops, and its group restarts without it."""
     client = own_cluster.client()
     job = client.train(trains_with_checkpoints, 40, 5, 0.1, ranks=2, restarts=2, min_ranks=1)
     first: set[int] = set()
@@ -364,8 +372,8 @@ def test_a_killed_worker_restarts_the_group_from_its_last_checkpoint(
         if out.kind == OutputKind.CHECKPOINT and out.item >= 2:  # steps 0, 5 and 10 saved
             break
     victim = own_cluster.workers[1]
-    victim.kill()
-    victim.wait()
+    victim.send_signal(getattr(signal, how))
+    victim.wait(JOB_TIMEOUT_S)
     job.wait(JOB_TIMEOUT_S)
     [result] = job.results  # the group shrank to the one worker left
     assert result["world"] == 1

@@ -145,6 +145,7 @@ class Worker:
         self._welcomed = asyncio.Event()
         self._stop = asyncio.Event()
         self._closing = False
+        self._left = False  # the final goodbye is sent: the gateway must not take us back
         self._group: asyncio.TaskGroup | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -207,6 +208,7 @@ class Worker:
         if self.state is WorkerState.DRAINING:  # not reconnecting
             self.reports.flush(force=True)
         self.link.send(Goodbye(left, final=True))
+        self._left = True
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in the worker's task group (so it is awaited on exit)."""
@@ -288,8 +290,11 @@ class Worker:
             case BlobReply():
                 self.fetcher.arrived(msg)
             case Refused(reason=reason, retry=True):
-                # Every message we sent before it knew us is refused: say hello once.
-                if self.link.since_hello_s > self.settings.timeouts.heartbeat_interval_s:
+                # Every message we sent before it knew us is refused: say hello once. Not
+                # after leaving: what a stopping rank still reports must not re-register us.
+                if self._left:
+                    log.debug("refused after leaving (%s): not registering again", reason)
+                elif self.link.since_hello_s > self.settings.timeouts.heartbeat_interval_s:
                     log.info("gateway asks us to register again (%s)", reason)
                     self.link.say_hello()
             case Refused(reason=reason):
