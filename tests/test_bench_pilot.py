@@ -59,3 +59,23 @@ def test_throughput_script_writes_table_and_json(tmp_path: Path) -> None:
     for workload in ("startup", *B.DEFAULT_SIZES):
         assert workload in pilot
     assert {t["figure"] for t in data["targets"]} >= {"noop tasks/s", "startup s"}
+
+
+@pytest.mark.timeout(180)
+def test_output_latency_script_writes_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    script = str(ROOT / "bench" / "output_latency.py")
+    done = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "target: a line now and then reaches the client" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["backend"], r["workload"]) for r in rows} == {
+        (b, w) for b in ("pilot", "raw_zmq") for w in ("now-and-then", "burst")
+    }
+    for r in rows:
+        assert r["lines"] == 40 and 0 < r["median_ms"] <= r["worst_line_ms"], r

@@ -251,3 +251,47 @@ def test_retry_errors_is_a_flag_of_distribute() -> None:
 
     assert parse_options("--over x=range(3) --retry-errors").retry_errors
     assert not parse_options("--over x=range(3)").retry_errors
+
+
+# -- a task process's output capture (in a process of its own: it takes over fds 1 and 2) ------
+
+_CAPTURE_SCRIPT = """
+import json, os, sys, threading, time
+from worker._capture import Capture
+
+report, sent, arrived = sys.argv[1], [], threading.Event()
+expected = 1 + 1000 * len("x\\n") + len("from fd 1\\n")
+
+def emit(outputs):
+    sent.append([o.data.decode() for o in outputs])
+    if sum(len(d) for batch in sent for d in batch) >= expected:
+        arrived.set()
+
+capture = Capture(emit)
+capture.start()
+capture.label = ("job", 0, 0)
+print("a", end="")
+alone = len(sent)  # the first line after a quiet spell went out inside print()
+for _ in range(1000):
+    print("x")
+os.write(1, b"from fd 1\\n")  # a C extension's write: read by the flusher thread
+ok = arrived.wait(30)
+with open(report, "w") as f:
+    text = "".join(sum(sent, []))
+    json.dump({"alone": alone, "sends": len(sent), "arrived": ok, "text": text}, f)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_lone_line_leaves_at_once_and_a_burst_in_a_few_messages(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT, str(report)], check=True, timeout=50)
+    got = json.loads(report.read_text())
+    assert got["alone"] == 1, "a line printed after a quiet spell is sent inside print()"
+    assert got["arrived"], f"the flusher never sent the rest: {got}"
+    assert got["text"] == "a" + "x\n" * 1000 + "from fd 1\n", "everything, in order"
+    assert got["sends"] < 100, f"a burst of 1,000 lines took {got['sends']} messages"

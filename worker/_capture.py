@@ -7,8 +7,13 @@ Two paths, because both kinds of output exist:
 - file-descriptor-level writes (C extensions, ``os.write``, subprocesses) go to pipes that
   replace fds 1 and 2; a reader thread tags them with the label current when it reads them.
 
-A flusher thread sends what accumulated at least every ``FLUSH_S`` (and at once past
-``FLUSH_BYTES``); ``drain()`` sends everything written so far, in order.
+Output leaves at once when nothing was sent in the last ``FLUSH_S``; what is written within
+``FLUSH_S`` of a send waits for the flusher thread, which sends it ``FLUSH_S`` after that send
+(and at once past ``FLUSH_BYTES``). So a line printed now and then reaches the client in a
+millisecond or two, and a task that prints in a tight loop costs its worker, gateway and
+client at most one message per ``FLUSH_S``. The flusher sleeps while there is nothing to send
+(a write wakes it through a pipe of its own). ``drain()`` sends everything written so far, in
+order.
 
 Results go through here too, so that a task's outputs always leave before its result: ``hold``
 queues a result behind the outputs read so far and sends both at the end of a batch; results
@@ -27,6 +32,7 @@ the gigabyte, and loses no result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import io
@@ -42,7 +48,7 @@ from gateway.protocol import Output, OutputKind
 
 __all__ = ["Capture"]
 
-FLUSH_S = 0.05
+FLUSH_S = 0.01
 RESULT_HOLD_S = 0.002  # results of a batch finishing within this of each other travel together
 FLUSH_BYTES = 64 * 1024
 _READ_BYTES = 64 * 1024
@@ -96,6 +102,10 @@ class Capture:
         self._held_since: float | None = None  # monotonic time of the oldest held result
         self.label: tuple[str, int, int] = ("", -1, -1)
         self._stop = threading.Event()
+        self._sent_at = 0.0  # monotonic time of the last send of outputs
+        self._wake_r, self._wake_w = os.pipe()  # wakes the flusher: something waits to be sent
+        for fd in (self._wake_r, self._wake_w):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         self._pipes: dict[int, OutputKind] = {}
         self._fds: list[int] = []
         self._thread: threading.Thread | None = None
@@ -125,10 +135,13 @@ class Capture:
                 data = self._within_budget_locked(data)
                 if not data:
                     return
+            first = not self._pending
             self._pending.append((self.label, kind, data, extra or {}))
             self._pending_bytes += len(data) if isinstance(data, bytes) else 1024
-            if self._pending_bytes >= FLUSH_BYTES:
+            if self._due_locked():
                 self._send_locked()
+            elif first:
+                self._wake()  # the flusher sends it FLUSH_S after the last send
 
     def drain(self) -> None:
         """Send every output written so far."""
@@ -156,21 +169,44 @@ class Capture:
             now = time.monotonic()
             if self._held_since is None:
                 self._held_since = now
+                if not last:
+                    self._wake()  # the flusher sends it within RESULT_HOLD_S
             if last or now - self._held_since >= RESULT_HOLD_S:
                 self._send_locked()
                 self._send_results_locked()
 
+    def _due_locked(self) -> bool:
+        return self._pending_bytes >= FLUSH_BYTES or time.monotonic() - self._sent_at >= FLUSH_S
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: wake-ups enough are waiting
+            os.write(self._wake_w, b"w")
+
+    def _timeout_locked(self) -> float | None:
+        """How long the flusher may sleep: until the pending outputs or the held results are
+        due, or (None) until something is written."""
+        now = time.monotonic()
+        due = []
+        if self._pending:
+            due.append(self._sent_at + FLUSH_S - now)
+        if self._held_since is not None:
+            due.append(self._held_since + RESULT_HOLD_S - now)
+        return max(0.0, min(due)) if due else None
+
     def _run(self) -> None:
+        fds = [*self._fds, self._wake_r]
         while not self._stop.is_set():
-            held = self._held_since
-            timeout = FLUSH_S
-            if held is not None:
-                timeout = min(FLUSH_S, max(0.0, held + RESULT_HOLD_S - time.monotonic()))
-            readable, _, _ = select.select(self._fds, [], [], timeout)
+            with self.lock:
+                timeout = self._timeout_locked()
+            readable, _, _ = select.select(fds, [], [], timeout)
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
             with self.lock:
                 if readable:
                     self._read_pipes_locked()
-                self._send_locked()
+                if self._due_locked():
+                    self._send_locked()
                 held = self._held_since
                 if held is not None and time.monotonic() - held >= RESULT_HOLD_S:
                     self._send_results_locked()
@@ -243,4 +279,5 @@ class Capture:
                 outputs.append(Output(*label, kind, data, extra))
         self._pending.clear()
         self._pending_bytes = 0
+        self._sent_at = time.monotonic()
         self._emit(outputs)
