@@ -500,3 +500,30 @@ def test_long_tasks_are_never_prefetched_so_every_worker_gets_a_chunk() -> None:
     join(s, "w2", slots=1)
     out = s.handle(JobAdded("render", 4, CPU, 0.0, long_tasks=True))
     assert sorted(w for w, *_ in assigns(out)) == ["w1", "w2"], "one chunk each, none queued"
+
+
+def test_job_queued_counts_the_tasks_waiting_through_assigns_retries_and_losses() -> None:
+    """``job_queued`` (what ``status()`` shows) reads the queue's length; it must equal the
+    tasks in the QUEUED state after every kind of event."""
+    s = sched(prefetch=1)
+
+    def check() -> None:
+        for job_id, job in s.jobs.items():
+            waiting = sum(1 for t in job.tasks if t.state.name == "QUEUED")
+            assert s.job_queued(job_id) == waiting, job_id
+
+    join(s, "w1", slots=2)
+    s.handle(JobAdded("j", 10, CPU, 0.0, retries=2))
+    check()
+    finish(s, "w1", "j", 0)
+    finish(s, "w1", "j", 1, status=TaskStatus.LOST)  # retried: back in the queue
+    check()
+    join(s, "w2")
+    check()
+    s.handle(WorkerHeard("w2", 6.0))
+    s.handle(Tick(6.0))  # w1 is lost: its tasks go back
+    check()
+    s.handle(JobAdded("k", 3, CPU, 6.0))
+    s.handle(JobCancel("k", 6.5))
+    check()
+    assert s.job_queued("unknown") == 0

@@ -63,9 +63,11 @@ from gateway.protocol import (
 )
 from gateway.server import _scheduler as sch
 from gateway.server._auth import REMOVED
+from gateway.server._ingest import SLICE as INGEST_SLICE
+from gateway.server._ingest import Ingest
 from gateway.server._instructions import Executor
 from gateway.server._outbox import Outbox
-from gateway.server._registry import JobRecord, Registry
+from gateway.server._registry import ARGS_KEPT, JobRecord, Registry
 from gateway.server._secrets import has_secrets
 from gateway.server._state import StateStore
 from gateway.server._stats import job_stats
@@ -91,6 +93,7 @@ class ClientHandler:
         outbox: Outbox,
         counters: dict[str, int],
         codecs: Callable[[], dict[str, Codec]],
+        later: Callable[[Callable[[], None], float], None],
     ) -> None:
         self._settings = settings
         self._gateway_id = gateway_id
@@ -104,6 +107,7 @@ class ClientHandler:
         self._seen: dict[bytes, float] = {}  # client -> last heard (leases)
         self._status_waiters: list[tuple[bytes, str, StatusQuery, float, Principal]] = []
         self.dashboard: Any = None  # the HTTP side (``_http.Dashboard``), set by the gateway
+        self.ingest = Ingest(store, later, self._ingested)  # big jobs, over several turns
 
     def handle(self, ident: bytes, msg_id: str, msg: Any, who: Principal = ANYONE) -> None:
         self._seen[ident] = time.monotonic()
@@ -117,7 +121,9 @@ class ClientHandler:
             case Submit():
                 self._submit(ident, msg_id, msg, who)
             case CancelJob(job_id=job_id):
-                if self._mine(ident, msg_id, job_id, who):
+                if self.ingest.cancel(job_id, who.name, who.admin):
+                    pass  # cancelled once it is stored
+                elif self._mine(ident, msg_id, job_id, who):
                     self._executor.handle(sch.JobCancel(job_id, time.monotonic()))
             case AttachJob():
                 self._attach(ident, msg_id, msg, who)
@@ -236,17 +242,37 @@ class ClientHandler:
         for spec, args in zip(msg.jobs, msg.tasks, strict=True):
             if spec.job_id in self._registry.jobs or spec.job_id in stored:
                 continue  # a re-sent submit after a reconnect: already have it
+            if spec.job_id in self.ingest:
+                continue  # ...or being stored: acknowledged once it is
             if not self._settings.secure and has_secrets(spec):  # a client that did not check
                 text = "Dataset secrets travel only to a gateway started with --secure."
                 self._outbox.client(ident, ErrorReply(spec.job_id, text, ErrorCode.BAD_REQUEST))
                 continue
-            wall = time.time()
-            self._store.add_job(spec, args, wall, owner=who.name)
-            job = JobRecord(spec, dict(enumerate(args)), {ident}, wall, owner=ident, user=who.name)
-            self._registry.add(job)
-            self._executor.handle(job_added(spec, now, self._settings))
-        self._outbox.ack(ident, [s.job_id for s in msg.jobs])
+            if len(args) > INGEST_SLICE:
+                self.ingest.start(ident, spec, args, who.name)
+                continue
+            self._store.add_tasks(spec.job_id, args, 0, len(args))
+            self._record(ident, spec, args, who.name, now, kept=len(args))
+        self._outbox.ack(ident, [s.job_id for s in msg.jobs if s.job_id not in self.ingest])
         self._counters["jobs_submitted"] += len(msg.jobs)
+
+    def _record(
+        self, ident: bytes, spec: JobSpec, args: Any, user: str, now: float, kept: int
+    ) -> None:
+        """The job's row, its record (with the first ``kept`` arguments) and its tasks."""
+        wall = time.time()
+        self._store.add_job(spec, wall, owner=user)
+        kept_args = dict(enumerate(args[:kept]))
+        self._registry.add(JobRecord(spec, kept_args, {ident}, wall, owner=ident, user=user))
+        self._executor.handle(job_added(spec, now, self._settings))
+
+    def _ingested(self, ident: bytes, spec: JobSpec, args: Any, user: str, cancelled: bool) -> None:
+        """A big job whose tasks' rows are on disk: recorded, acknowledged, maybe cancelled."""
+        now = time.monotonic()
+        self._record(ident, spec, args, user, now, kept=ARGS_KEPT)
+        self._outbox.ack(ident, [spec.job_id])
+        if cancelled:
+            self._executor.handle(sch.JobCancel(spec.job_id, now))
 
     def _attach(self, ident: bytes, msg_id: str, msg: AttachJob, who: Principal) -> None:
         self._store.flush()

@@ -172,9 +172,15 @@ class Scheduler:
 
     def job_queued(self, job_id: str) -> int:
         """A live job's tasks waiting to be placed (not out on a worker, not settled); 0 for an
-        unknown one. Counts task states (a gang's ranks wait outside ``queue``)."""
+        unknown one. A job's queue holds exactly its queued tasks (a task leaves it when it
+        goes out or settles), so this is O(1): ``status()`` asks it of every live job, and a
+        job may have a million tasks. A gang's ranks wait outside ``queue``: counted."""
         job = self.jobs.get(job_id)
-        return 0 if job is None else sum(1 for t in job.tasks if t.state is _T.QUEUED)
+        if job is None:
+            return 0
+        if job.gang:
+            return sum(1 for t in job.tasks if t.state is _T.QUEUED)
+        return len(job.queue)
 
     def workers_of(self, job_id: str) -> list[str]:
         """The workers a job's tasks are out on, each once (a gang's group)."""

@@ -140,6 +140,7 @@ class Gateway:
             self.outbox,
             self.counters,
             lambda: {"client": self._client_codec, "worker": self._worker_codec},
+            self._turn_later,
         )
         self.workers = WorkerHandler(
             s,
@@ -347,6 +348,16 @@ class Gateway:
             self.workers.expire_disconnected(now)
             self.clients.answer_status_waiters()
             self._end_turn(acks=True)
+
+    def _turn_later(self, fn: Any, delay_s: float = 0.0) -> None:
+        """Run ``fn`` in a turn of its own, after what waits on the sockets."""
+
+        def turn() -> None:
+            if self.state is not GatewayState.STOPPED:
+                fn()
+                self._end_turn()
+
+        asyncio.get_running_loop().call_later(delay_s, turn)
 
     def _end_turn(self, acks: bool = False) -> None:
         if self.gate is not None:

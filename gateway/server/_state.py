@@ -15,7 +15,7 @@ import hashlib
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,20 +190,22 @@ class StateStore:
     def _payload_from(self, raw: bytes | None, ref: str | None) -> Payload:
         return unpack_payload(raw) if raw is not None else self.blobs.get(ref or "")
 
-    def add_job(self, spec: JobSpec, args: Iterable[Payload], now: float, owner: str = "") -> None:
-        """The job (its spec but secrets), who submitted it, and its tasks' arguments."""
+    def add_job(self, spec: JobSpec, now: float, owner: str = "") -> None:
+        """The job (its spec but secrets) and who submitted it; its tasks: ``add_tasks``."""
         packed = pack_record(for_disk(spec))
         self._later(
             "INSERT OR IGNORE INTO jobs (id, name, n_tasks, spec, state, error, created, owner) "
             "VALUES (?,?,?,?,?,?,?,?)",
             (spec.job_id, spec.name, spec.n_tasks, packed, int(Status.QUEUED), "", now, owner),
         )
-        for i, a in enumerate(args):
-            raw, ref = self._payload_columns(a)
-            self._later(
-                "INSERT OR IGNORE INTO tasks (job_id, idx, args, args_ref) VALUES (?,?,?,?)",
-                (spec.job_id, i, raw, ref),
-            )
+
+    def add_tasks(self, job_id: str, args: Sequence[Payload], start: int, end: int) -> None:
+        """The arguments of tasks ``start`` to ``end - 1`` (``args`` holds every task's)."""
+        sql = "INSERT OR IGNORE INTO tasks (job_id, idx, args, args_ref) VALUES (?,?,?,?)"
+        rows = self._pending.setdefault(sql, [])
+        for i in range(start, end):
+            raw, ref = self._payload_columns(args[i])
+            rows.append((job_id, i, raw, ref))
 
     def attempt_assigned(self, job_id: str, index: int, attempt: int, worker: str) -> None:
         self._later(
