@@ -79,3 +79,25 @@ def test_output_latency_script_writes_table_and_json(tmp_path: Path) -> None:
     }
     for r in rows:
         assert r["lines"] == 40 and 0 < r["median_ms"] <= r["worst_line_ms"], r
+
+
+@pytest.mark.timeout(300)
+def test_million_script_restarts_the_gateway_halfway_and_loses_nothing(tmp_path: Path) -> None:
+    """bench/million.py at a small size: its figures exist, and the job whose gateway was
+    SIGKILLed and restarted halfway has every result, each reported once."""
+    out = tmp_path / "million.json"
+    script = str(ROOT / "bench" / "million.py")
+    done = subprocess.run(
+        [sys.executable, script, "--n", "4000", "--ref", "1000", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for run in (data["clean"], data["restarted"]):
+        assert run["results_ok"], run
+        assert run["results_lost"] == 0 and run["results_repeated"] == 0, run
+        assert run["gateway_peak_mb"] > 0 and run["client_peak_mb"] > 0
+    assert data["restarted"]["restarted_at_done"] >= 2000
+    assert data["clean"]["answers_ms"]["status"]["n"] > 0

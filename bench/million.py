@@ -1,0 +1,219 @@
+"""A million queued tasks (issue 12): memory, the submit call, the rate, answers meanwhile, and
+a gateway killed and restarted halfway.
+
+On a ``LocalCluster`` (a gateway and ``--workers`` workers of one slot, as ``pilot up``):
+
+1. the reference rate: a job of ``--ref`` no-op tasks (``map(noop, range(ref), chunk=1)``);
+2. the big job: ``map(noop, range(n), chunk=1)``, timing the call until it returns (the tasks
+   are submitted and acknowledged: they are the gateway's), then until every result is back.
+   Meanwhile a thread samples the resident memory (RSS) of the gateway and of this process
+   (the client) every 0.25 s, and another client asks the gateway ``status()`` and ``jobs()``
+   every 0.5 s, timing each answer (what ``pilot status`` and ``pilot jobs`` ask; the
+   commands add their own Python start-up, about 0.15 s here). A third thread reads the job's
+   events and counts the results of each task.
+3. with ``--restart`` (the default), the same job once more, and when half its tasks are done
+   the gateway is killed (SIGKILL) and started again on the same state: the job must finish
+   with every result, each task's result reported once.
+
+Targets: gateway and client each under 500 MB, the call returning within 10 s, the big job's
+rate at least 0.8x the reference rate, every answer under 100 ms, and after the restart no
+result lost or repeated. The table shows each figure and the target; everything goes to a JSON
+file.
+
+    .venv/bin/python bench/million.py                    # 1,000,000 tasks, 2 workers
+    .venv/bin/python bench/million.py --n 200000 --no-restart
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: import the bench package by its name
+    sys.path.insert(0, str(ROOT))
+
+from bench._baselines import noop  # noqa: E402
+from bench._table import print_table, write_json  # noqa: E402
+
+MB = 1 << 20
+TARGETS = {"gateway_peak_mb": 500, "client_peak_mb": 500, "submit_s": 10.0, "rate_ratio": 0.8}
+ANSWER_TARGET_MS = 100.0
+
+
+class Sampler:
+    """Peak RSS of the gateway (whichever process it is now) and of this process, and the
+    answer times of ``status()`` and ``jobs()`` from a client of its own, until ``stop()``."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self.peak = {"gateway": 0, "client": 0}
+        self.answers_ms: dict[str, list[float]] = {"status": [], "jobs": []}
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._memory, daemon=True),
+            threading.Thread(target=self._ask, daemon=True),
+        ]
+
+    def __enter__(self) -> Sampler:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _memory(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.25):
+            gw = self.cluster.gateway
+            try:
+                rss = psutil.Process(gw.pid).memory_info().rss if gw is not None else 0
+            except psutil.Error:
+                rss = 0  # between a kill and a restart
+            self.peak["gateway"] = max(self.peak["gateway"], rss)
+            self.peak["client"] = max(self.peak["client"], me.memory_info().rss)
+
+    def _ask(self) -> None:
+        import pilot
+
+        while not self._stop.is_set():
+            try:
+                with pilot.connect(self.cluster.connection_file, name="bench-asker") as c:
+                    while True:  # at once, then every 0.5 s
+                        for what, call in (("status", c.status), ("jobs", c.jobs)):
+                            t0 = time.perf_counter()
+                            call()
+                            self.answers_ms[what].append((time.perf_counter() - t0) * 1000)
+                        if self._stop.wait(0.5):
+                            return
+            except pilot.PilotError:
+                self._stop.wait(0.5)  # the gateway is being restarted: ask again once it is back
+
+
+def count_results(job: Any, n: int, counts: bytearray) -> None:
+    """Read the job's events until it ends, counting each task's results."""
+    from gateway.protocol import TaskDone
+
+    for ev in job.events():
+        if isinstance(ev, TaskDone):
+            counts[ev.index] = min(255, counts[ev.index] + 1)
+
+
+def big_job(cluster: Any, client: Any, n: int, restart: bool) -> dict[str, Any]:
+    counts = bytearray(n)
+    with Sampler(cluster) as sampler:
+        t0 = time.perf_counter()
+        job = client.map(noop, range(n), chunk=1)
+        submit_s = time.perf_counter() - t0
+        reader = threading.Thread(target=count_results, args=(job, n, counts), daemon=True)
+        reader.start()
+        restarted_at = None
+        if restart:
+            while job.progress[0] < n // 2:
+                time.sleep(0.05)  # polling the job's own counter; the bench is not a test
+            restarted_at = job.progress[0]
+            cluster.kill_gateway()
+            cluster.start_gateway()
+        job.wait(3600)
+        took = time.perf_counter() - t0
+        reader.join(60)
+    lost = sum(1 for c in counts if c == 0)
+    repeated = sum(1 for c in counts if c > 1)
+    out = {
+        "n": n,
+        "submit_s": submit_s,
+        "run_s": took,
+        "rate": n / took,
+        "gateway_peak_mb": sampler.peak["gateway"] / MB,
+        "client_peak_mb": sampler.peak["client"] / MB,
+        "answers_ms": {k: _answer_figures(v) for k, v in sampler.answers_ms.items()},
+        "results_lost": lost,
+        "results_repeated": repeated,
+        "results_ok": len(job.results) == n and lost == 0,
+    }
+    if restarted_at is not None:
+        out["restarted_at_done"] = restarted_at
+    return out
+
+
+def _answer_figures(ms: list[float]) -> dict[str, float]:
+    if not ms:
+        return {"n": 0}
+    return {"n": len(ms), "median_ms": statistics.median(ms), "worst_ms": max(ms)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--ref", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-restart", dest="restart", action="store_false")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "million.json"))
+    args = parser.parse_args(argv)
+
+    import pilot
+
+    with pilot.LocalCluster(workers=args.workers, env={"PILOT_LOG_LEVEL": "WARNING"}) as cluster:
+        client = cluster.client()
+        client.map(noop, range(100), chunk=1).wait(60)  # warm: the task processes load noop
+        t0 = time.perf_counter()
+        client.map(noop, range(args.ref), chunk=1).wait(600)
+        ref_rate = args.ref / (time.perf_counter() - t0)
+        clean = big_job(cluster, client, args.n, restart=False)
+        restarted = big_job(cluster, client, args.n, restart=True) if args.restart else None
+
+    clean["rate_ratio"] = clean["rate"] / ref_rate
+    rows = [
+        _row("gateway peak RSS, MB", clean["gateway_peak_mb"], "< 500"),
+        _row("client peak RSS, MB", clean["client_peak_mb"], "< 500"),
+        _row("map() returns, s", clean["submit_s"], "< 10"),
+        _row(f"rate, tasks/s ({args.ref:,}-task job)", ref_rate, ""),
+        _row(f"rate, tasks/s ({args.n:,}-task job)", clean["rate"], ""),
+        _row("rate ratio", clean["rate_ratio"], ">= 0.8"),
+    ]
+    for what, fig in clean["answers_ms"].items():
+        rows.append(_row(f"{what}() answer, worst ms", fig.get("worst_ms"), "< 100"))
+        rows.append(_row(f"{what}() answer, median ms", fig.get("median_ms"), ""))
+    if restarted is not None:
+        rows.append(_row("restart: results lost", restarted["results_lost"], "0"))
+        rows.append(_row("restart: results repeated", restarted["results_repeated"], "0"))
+        rows.append(_row("restart: gateway peak RSS, MB", restarted["gateway_peak_mb"], "< 500"))
+        for what, fig in restarted["answers_ms"].items():
+            rows.append(_row(f"restart: {what}() worst ms", fig.get("worst_ms"), ""))
+    print(f"\nA job of {args.n:,} no-op tasks on {args.workers} workers")
+    print_table(rows, ["figure", "value", "target"])
+    path = write_json(
+        args.out,
+        {
+            "n": args.n,
+            "ref": args.ref,
+            "workers": args.workers,
+            "ref_rate": ref_rate,
+            "clean": clean,
+            "restarted": restarted,
+            "targets": {**TARGETS, "answer_ms": ANSWER_TARGET_MS},
+            "python": sys.version.split()[0],
+            "machine": platform.platform(),
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _row(figure: str, value: Any, target: str) -> dict[str, Any]:
+    return {"figure": figure, "value": value, "target": target}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
