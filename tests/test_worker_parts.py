@@ -260,7 +260,7 @@ import json, os, sys, threading, time
 from worker._capture import Capture
 
 report, sent, arrived = sys.argv[1], [], threading.Event()
-expected = 1 + 1000 * len("x\\n") + len("from fd 1\\n")
+expected = len("a\\n") + 1000 * len("x\\n") + len("from fd 1\\n")
 
 def emit(outputs):
     sent.append([o.data.decode() for o in outputs])
@@ -270,8 +270,8 @@ def emit(outputs):
 capture = Capture(emit)
 capture.start()
 capture.label = ("job", 0, 0)
-print("a", end="")
-alone = len(sent)  # the first line after a quiet spell went out inside print()
+print("a")
+alone = len(sent)  # the first line after a quiet spell went out inside print(), whole
 for _ in range(1000):
     print("x")
 os.write(1, b"from fd 1\\n")  # a C extension's write: read by the flusher thread
@@ -293,5 +293,5 @@ def test_a_lone_line_leaves_at_once_and_a_burst_in_a_few_messages(tmp_path: Path
     got = json.loads(report.read_text())
     assert got["alone"] == 1, "a line printed after a quiet spell is sent inside print()"
     assert got["arrived"], f"the flusher never sent the rest: {got}"
-    assert got["text"] == "a" + "x\n" * 1000 + "from fd 1\n", "everything, in order"
+    assert got["text"] == "a\n" + "x\n" * 1000 + "from fd 1\n", "everything, in order"
     assert got["sends"] < 100, f"a burst of 1,000 lines took {got['sends']} messages"

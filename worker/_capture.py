@@ -7,13 +7,13 @@ Two paths, because both kinds of output exist:
 - file-descriptor-level writes (C extensions, ``os.write``, subprocesses) go to pipes that
   replace fds 1 and 2; a reader thread tags them with the label current when it reads them.
 
-Output leaves at once when nothing was sent in the last ``FLUSH_S``; what is written within
-``FLUSH_S`` of a send waits for the flusher thread, which sends it ``FLUSH_S`` after that send
-(and at once past ``FLUSH_BYTES``). So a line printed now and then reaches the client in a
-millisecond or two, and a task that prints in a tight loop costs its worker, gateway and
-client at most one message per ``FLUSH_S``. The flusher sleeps while there is nothing to send
-(a write wakes it through a pipe of its own). ``drain()`` sends everything written so far, in
-order.
+A line (or a display) leaves at once when nothing was sent in the last ``FLUSH_S``; what is
+written within ``FLUSH_S`` of a send, or a line not ended yet, waits for the flusher thread,
+which sends it when due (at most ``FLUSH_S`` later; at once past ``FLUSH_BYTES``). So a line
+printed now and then reaches the client in a millisecond or two, a line is not sent in halves,
+and a task that prints in a tight loop costs its worker, gateway and client at most one
+message per ``FLUSH_S``. The flusher sleeps while there is nothing to send (a write wakes it
+through a pipe of its own). ``drain()`` sends everything written so far, in order.
 
 Results go through here too, so that a task's outputs always leave before its result: ``hold``
 queues a result behind the outputs read so far and sends both at the end of a batch; results
@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import fcntl
 import io
+import math
 import os
 import select
 import sys
@@ -103,6 +104,7 @@ class Capture:
         self.label: tuple[str, int, int] = ("", -1, -1)
         self._stop = threading.Event()
         self._sent_at = 0.0  # monotonic time of the last send of outputs
+        self._pending_since: float | None = None  # ...and of the oldest output not sent
         self._wake_r, self._wake_w = os.pipe()  # wakes the flusher: something waits to be sent
         for fd in (self._wake_r, self._wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -140,8 +142,8 @@ class Capture:
             self._pending_bytes += len(data) if isinstance(data, bytes) else 1024
             if self._due_locked():
                 self._send_locked()
-            elif first:
-                self._wake()  # the flusher sends it FLUSH_S after the last send
+            elif first or data[-1:] == b"\n":
+                self._wake()  # the flusher sends it when due
 
     def drain(self) -> None:
         """Send every output written so far."""
@@ -175,8 +177,20 @@ class Capture:
                 self._send_locked()
                 self._send_results_locked()
 
+    def _due_at_locked(self) -> float:
+        """When the pending outputs are due: ``FLUSH_S`` after the first of them, or, once the
+        last one ends a line (or is not text), ``FLUSH_S`` after the last send. A line is not
+        sent in halves (``print`` writes its text, then the newline)."""
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+        if self._pending_bytes >= FLUSH_BYTES:
+            return 0.0
+        _, kind, data, _ = self._pending[-1]
+        whole = kind not in _STREAMS or data.endswith(b"\n")
+        return min(self._pending_since, self._sent_at if whole else math.inf) + FLUSH_S
+
     def _due_locked(self) -> bool:
-        return self._pending_bytes >= FLUSH_BYTES or time.monotonic() - self._sent_at >= FLUSH_S
+        return bool(self._pending) and time.monotonic() >= self._due_at_locked()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # full: wake-ups enough are waiting
@@ -188,7 +202,7 @@ class Capture:
         now = time.monotonic()
         due = []
         if self._pending:
-            due.append(self._sent_at + FLUSH_S - now)
+            due.append(self._due_at_locked() - now)
         if self._held_since is not None:
             due.append(self._held_since + RESULT_HOLD_S - now)
         return max(0.0, min(due)) if due else None
@@ -280,4 +294,5 @@ class Capture:
         self._pending.clear()
         self._pending_bytes = 0
         self._sent_at = time.monotonic()
+        self._pending_since = None
         self._emit(outputs)
