@@ -527,3 +527,20 @@ def test_job_queued_counts_the_tasks_waiting_through_assigns_retries_and_losses(
     s.handle(JobCancel("k", 6.5))
     check()
     assert s.job_queued("unknown") == 0
+
+
+def test_a_lone_task_goes_to_the_worker_freed_last() -> None:
+    """Tasks that come one at a time run on the warm worker that ran the previous one (its
+    process just ran, its function is loaded), not round the pool."""
+    s = sched()
+    join(s, "w1")
+    join(s, "w2")
+    assert assigns(s.handle(JobAdded("a", 1, CPU, 0.0))) == [("w1", "a", 0, 1)]
+    finish(s, "w1", "a", 0)
+    assert assigns(s.handle(JobAdded("b", 1, CPU, 1.0))) == [("w1", "b", 0, 1)]
+    finish(s, "w1", "b", 0)
+    out = s.handle(JobAdded("c", 2, CPU, 2.0))  # a burst still spreads over both
+    assert sorted(w for w, *_ in assigns(out)) == ["w1", "w2"]
+    finish(s, "w1", "c", 0)
+    finish(s, "w2", "c", 1)  # w2 is freed last
+    assert assigns(s.handle(JobAdded("d", 1, CPU, 3.0))) == [("w2", "d", 0, 1)]

@@ -47,7 +47,7 @@ Policies (their knobs are ``SchedulingPolicy``'s, ``gateway.protocol._policy``):
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 from gateway.protocol import DEFAULT_POLICY, SchedulingPolicy, Status, TaskAttempt, TaskStatus
@@ -123,7 +123,8 @@ class Scheduler:
         self._active: deque[str] = deque()  # jobs with queued tasks, round-robin order
         self._gangs: deque[str] = deque()  # gangs waiting to be placed, oldest first
         self._room: dict[str, _Worker] = {}  # workers that may have room for a task
-        self._free: dict[str, _Worker] = {}  # workers with a free slot (before any prefetch)
+        # workers with a free slot (before any prefetch), the one freed last first
+        self._free: OrderedDict[str, _Worker] = OrderedDict()
         self._out: list[Instruction] = []
         self._orphans: list[tuple[str, _Task]] = []
         self._data_home: dict[str, str] = {}  # data key -> the worker that last read it
@@ -552,7 +553,9 @@ class Scheduler:
         gone: list[str] = []  # full or draining: forgotten after the loops (not while in them)
         try:
             for allow_prefetch in (False, True):
-                # (free slots: a copy, as taking a slot changes it; few workers have one)
+                # Free slots: the worker freed last first (``_release``), so tasks that come
+                # one at a time go to the warm process that ran the last one, not round the
+                # pool (0.3-0.5 ms a round trip here). A copy, as taking a slot changes it.
                 for w in self._room.values() if allow_prefetch else list(self._free.values()):
                     if not self._active:
                         return  # nothing queued any more: the other workers need no look
@@ -687,3 +690,4 @@ class Scheduler:
                 self._room[w.name] = w  # it has room again
                 if w.used_slots < w.slots:
                     self._free[w.name] = w
+                    self._free.move_to_end(w.name, last=False)  # warm: first in line
