@@ -55,7 +55,9 @@ def kernel(cluster, jupyter_path, tmp_path) -> Iterator[KernelDriver]:
 
 
 def result(ex) -> str:
-    return ex.of("execute_result")[0]["content"]["data"]["text/plain"]
+    got = ex.of("execute_result")
+    assert got, [(m["msg_type"], m["content"]) for m in ex.messages]
+    return got[0]["content"]["data"]["text/plain"]
 
 
 def test_cells_run_remotely_in_one_namespace_until_local(kernel: KernelDriver) -> None:

@@ -257,14 +257,18 @@ def test_retry_errors_is_a_flag_of_distribute() -> None:
 
 _CAPTURE_SCRIPT = """
 import json, os, sys, threading, time
+from gateway.protocol import OutputKind
 from worker._capture import Capture
 
 report, sent, arrived = sys.argv[1], [], threading.Event()
-expected = len("a\\n") + 1000 * len("x\\n") + len("from fd 1\\n")
+expected = len("a\\nthen\\n") + 1000 * len("x\\n") + len("from fd 1\\n")
+
+displays = []
 
 def emit(outputs):
-    sent.append([o.data.decode() for o in outputs])
-    if sum(len(d) for batch in sent for d in batch) >= expected:
+    sent.append([o.data.decode() for o in outputs if isinstance(o.data, bytes)])
+    displays.extend(o.data for o in outputs if isinstance(o.data, dict))
+    if sum(len(d) for batch in sent for d in batch) >= expected and displays:
         arrived.set()
 
 capture = Capture(emit)
@@ -272,13 +276,16 @@ capture.start()
 capture.label = ("job", 0, 0)
 print("a")
 alone = len(sent)  # the first line after a quiet spell went out inside print(), whole
+print("then")  # within FLUSH_S of that send: it waits...
+capture.add(OutputKind.DISPLAY, {"text/plain": "shown"})  # ...and a display behind it
 for _ in range(1000):
     print("x")
 os.write(1, b"from fd 1\\n")  # a C extension's write: read by the flusher thread
 ok = arrived.wait(30)
 with open(report, "w") as f:
     text = "".join(sum(sent, []))
-    json.dump({"alone": alone, "sends": len(sent), "arrived": ok, "text": text}, f)
+    json.dump({"alone": alone, "sends": len(sent), "arrived": ok, "text": text,
+               "displays": displays}, f)
 """
 
 
@@ -293,5 +300,6 @@ def test_a_lone_line_leaves_at_once_and_a_burst_in_a_few_messages(tmp_path: Path
     got = json.loads(report.read_text())
     assert got["alone"] == 1, "a line printed after a quiet spell is sent inside print()"
     assert got["arrived"], f"the flusher never sent the rest: {got}"
-    assert got["text"] == "a\n" + "x\n" * 1000 + "from fd 1\n", "everything, in order"
+    assert got["text"] == "a\nthen\n" + "x\n" * 1000 + "from fd 1\n", "everything, in order"
     assert got["sends"] < 100, f"a burst of 1,000 lines took {got['sends']} messages"
+    assert got["displays"] == [{"text/plain": "shown"}]

@@ -142,7 +142,7 @@ class Capture:
             self._pending_bytes += len(data) if isinstance(data, bytes) else 1024
             if self._due_locked():
                 self._send_locked()
-            elif first or data[-1:] == b"\n":
+            elif first or kind not in _STREAMS or data.endswith(b"\n"):
                 self._wake()  # the flusher sends it when due
 
     def drain(self) -> None:
