@@ -12,12 +12,12 @@ written within ``FLUSH_S`` of a send, or a line not ended yet, waits for the flu
 which sends it when due (at most ``FLUSH_S`` later; at once past ``FLUSH_BYTES``). So a line
 printed now and then reaches the client in a millisecond or two, a line is not sent in halves,
 and a task that prints in a tight loop costs its worker, gateway and client at most one
-message per ``FLUSH_S``. The flusher sleeps while there is nothing to send (a write wakes it
-through a pipe of its own). ``drain()`` sends everything written so far, in order.
+message per ``FLUSH_S``. A write wakes the flusher through a pipe of its own. ``drain()`` sends
+everything written so far, in order.
 
 Results go through here too, so that a task's outputs always leave before its result: ``hold``
 queues a result behind the outputs read so far and sends both at the end of a batch; results
-held for ``RESULT_HOLD_S`` are sent by the flusher thread (within ``FLUSH_S``), so a long task
+held for ``RESULT_HOLD_S`` are sent by the flusher thread (within ``IDLE_S``), so a long task
 does not keep back the results of the short ones before it in the same batch.
 Owned by the task process; ``emit`` and ``emit_results`` are called with the lock held, from
 either thread.
@@ -51,6 +51,10 @@ __all__ = ["Capture"]
 
 FLUSH_S = 0.01
 RESULT_HOLD_S = 0.002  # results of a batch finishing within this of each other travel together
+# The flusher's longest sleep: held results (a long task behind short ones in a batch) leave
+# within it. A result does not wake the flusher (``hold``): in a burst, waking it per batch
+# cost more than it saved; the batch's end sends them.
+IDLE_S = 0.05
 FLUSH_BYTES = 64 * 1024
 _READ_BYTES = 64 * 1024
 _STREAMS = (OutputKind.STDOUT, OutputKind.STDERR)  # consecutive writes merge into one Output
@@ -170,9 +174,7 @@ class Capture:
             self._results.append(result)
             now = time.monotonic()
             if self._held_since is None:
-                self._held_since = now
-                if not last:
-                    self._wake()  # the flusher sends it within RESULT_HOLD_S
+                self._held_since = now  # the flusher looks at least every IDLE_S
             if last or now - self._held_since >= RESULT_HOLD_S:
                 self._send_locked()
                 self._send_results_locked()
@@ -198,14 +200,14 @@ class Capture:
 
     def _timeout_locked(self) -> float | None:
         """How long the flusher may sleep: until the pending outputs or the held results are
-        due, or (None) until something is written."""
+        due, or ``IDLE_S``."""
         now = time.monotonic()
         due = []
         if self._pending:
             due.append(self._due_at_locked() - now)
         if self._held_since is not None:
             due.append(self._held_since + RESULT_HOLD_S - now)
-        return max(0.0, min(due)) if due else None
+        return max(0.0, min(due)) if due else IDLE_S
 
     def _run(self) -> None:
         fds = [*self._fds, self._wake_r]
