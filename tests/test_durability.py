@@ -8,16 +8,14 @@ database; the worker is a real ``pilot worker`` process and the client a real ``
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.client import Client
-from gateway.protocol import ConnectionInfo, GatewaySettings, JobError
-from tests_support import TEST_TIMEOUTS, ThreadGateway, wait_until
+from gateway.protocol import GatewaySettings, JobError
+from tests_support import TEST_TIMEOUTS, ThreadGateway, thread_gateway_with_a_worker, wait_until
 
 pytestmark = pytest.mark.system
 
@@ -36,22 +34,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[ThreadGateway, Client]]:
         timeouts=TEST_TIMEOUTS,
         inline_result_bytes=1 << 20,
     )
-    with ThreadGateway(settings) as gw:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pilot", "worker", "--connect", str(conn), "--name", "w1"]
-        )
-        client = Client(ConnectionInfo.load(conn), timeouts=TEST_TIMEOUTS)
-        try:
-            client.wait_for_workers(1, timeout=60)
-            yield gw, client
-        finally:
-            client.close()
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+    with thread_gateway_with_a_worker(settings) as (gw, client):
+        yield gw, client
 
 
 def test_a_full_database_holds_the_turn_refuses_new_work_and_loses_nothing(

@@ -8,17 +8,15 @@ real ``Client``.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.client import Client
-from gateway.protocol import ConnectionInfo, GatewaySettings, JobCancelled, TaskDone
+from gateway.protocol import GatewaySettings, JobCancelled, TaskDone
 from gateway.server import _clientside
-from tests_support import TEST_TIMEOUTS, ThreadGateway
+from tests_support import TEST_TIMEOUTS, ThreadGateway, thread_gateway_with_a_worker
 
 pytestmark = pytest.mark.system
 
@@ -39,22 +37,8 @@ def cluster(
     settings = GatewaySettings(
         state_dir=tmp_path / "state", http_port=None, connection_file=conn, timeouts=TEST_TIMEOUTS
     )
-    with ThreadGateway(settings) as gw:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pilot", "worker", "--connect", str(conn), "--name", "w1"]
-        )
-        client = Client(ConnectionInfo.load(conn), timeouts=TEST_TIMEOUTS)
-        try:
-            client.wait_for_workers(1, timeout=60)
-            yield gw, client
-        finally:
-            client.close()
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(10)
+    with thread_gateway_with_a_worker(settings) as (gw, client):
+        yield gw, client
 
 
 def test_a_job_of_many_slices_runs_whole_and_each_result_comes_once(

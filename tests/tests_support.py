@@ -165,6 +165,35 @@ class ThreadGateway:
         return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
 
 
+@contextlib.contextmanager
+def thread_gateway_with_a_worker(
+    settings: GatewaySettings,
+) -> Iterator[tuple[ThreadGateway, Any]]:
+    """A ``ThreadGateway`` with ``settings`` (which name its ``connection_file``), one real
+    ``pilot worker`` process (``w1``) registered with it, and a ``Client``; all stopped after."""
+    from gateway.client import Client
+    from gateway.protocol import ConnectionInfo
+
+    conn = settings.connection_file
+    assert conn is not None
+    with ThreadGateway(settings) as gw:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "pilot", "worker", "--connect", str(conn), "--name", "w1"]
+        )
+        client = Client(ConnectionInfo.load(conn), timeouts=TEST_TIMEOUTS)
+        try:
+            client.wait_for_workers(1, timeout=60)
+            yield gw, client
+        finally:
+            client.close()
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
+
+
 def run_notebook(
     path: Path, env: dict[str, str], *, timeout: float = 120, kernel_name: str = "python3"
 ) -> Any:
