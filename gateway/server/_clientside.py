@@ -140,8 +140,9 @@ class ClientHandler:
                     out.client(ident, _not_found(msg_id, job_id))
                     return
                 if self._mine(ident, msg_id, job_id, who):
-                    outputs = tuple(self._store.outputs(job_id, index))
-                    out.client(ident, LogsReply(outputs, msg_id))
+                    # task by task, each in the order it printed (tasks run side by side)
+                    outputs = sorted(self._store.outputs(job_id, index), key=lambda o: o.index)
+                    out.client(ident, LogsReply(tuple(outputs), msg_id))
             case PutBlob() | GetBlob():
                 out.client(ident, self.blob(msg_id, msg))
             case StatsQuery(job_id=job_id):
