@@ -137,15 +137,22 @@ def test_a_capture_of_the_bridge_shows_what_a_task_prints_only_without_encryptio
     assert (marker.encode() in pcap) is not secure
 
 
-def test_a_workers_cable_cut_for_ten_seconds_requeues_its_tasks_and_it_comes_back(
-    network: Network, tmp_path: Path
-) -> None:
+def busy_pool(network: Network, tmp_path: Path) -> tuple[Any, Any, Any]:
+    """A gateway, two workers and a client host; the client's 8 slow tasks under way. Returns
+    the first worker's host, the client's host and the client process."""
     gw, w1, w2, cl = (network.add_host(n) for n in ("gw", "wone", "wtwo", "cl"))
     start_gateway(gw, tmp_path)
     for w in (w1, w2):
         start_worker(w, tmp_path, "--connect", str(tmp_path / "gateway" / "connection.json"))
     client = start_client(cl, tmp_path, 2, "slow", 8)
     assert read_line(client, START_TIMEOUT_S * 2) == "BUSY"
+    return w1, cl, client
+
+
+def test_a_workers_cable_cut_for_ten_seconds_requeues_its_tasks_and_it_comes_back(
+    network: Network, tmp_path: Path
+) -> None:
+    w1, _cl, client = busy_pool(network, tmp_path)
     w1.cut()
     time.sleep(CUT_S)  # the fault's length: the heartbeat deadline (5 s) passes meanwhile
     w1.restore()
@@ -159,12 +166,7 @@ def test_a_workers_cable_cut_for_ten_seconds_requeues_its_tasks_and_it_comes_bac
 def test_the_clients_cable_cut_for_ten_seconds_mid_job_loses_no_result(
     network: Network, tmp_path: Path
 ) -> None:
-    gw, w1, w2, cl = (network.add_host(n) for n in ("gw", "wone", "wtwo", "cl"))
-    start_gateway(gw, tmp_path)
-    for w in (w1, w2):
-        start_worker(w, tmp_path, "--connect", str(tmp_path / "gateway" / "connection.json"))
-    client = start_client(cl, tmp_path, 2, "slow", 8)
-    assert read_line(client, START_TIMEOUT_S * 2) == "BUSY"
+    _w1, cl, client = busy_pool(network, tmp_path)
     cl.cut()
     time.sleep(CUT_S)  # the fault's length
     cl.restore()

@@ -10,14 +10,13 @@ and the frame count of the MP4 on disk.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from gateway.client._video import count_frames
-from tests_support import outputs_of, pilot_up, run_notebook
+from tests_support import outputs_of, run_notebook_on_pilot_up
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "render.ipynb"
 CELL_TIMEOUT_S = 300  # a render cell on a loaded 2-core machine: Blender starts, 24 frames
@@ -33,16 +32,8 @@ pytestmark = [
 def test_render_notebook_previews_frames_shows_the_video_and_renders_missing_frames(
     tmp_path: Path,
 ) -> None:
-    work = tmp_path / "notebook"
-    work.mkdir()
-    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
-    env = {**os.environ, "PILOT_HOME": str(tmp_path / "home")}
-    with pilot_up(env) as up:
-        nb = run_notebook(
-            work / NOTEBOOK.name,
-            {**up, "IPYTHONDIR": str(tmp_path / "ipython")},
-            timeout=CELL_TIMEOUT_S,
-        )
+    nb = run_notebook_on_pilot_up(NOTEBOOK, tmp_path, CELL_TIMEOUT_S)
+    work = tmp_path / "notebook"  # where it ran (its video is there)
 
     render = outputs_of(nb, "%%distribute --render")
     data = [o.get("data", {}) for o in render if o.output_type == "display_data"]

@@ -11,13 +11,11 @@ the live metrics table and plot, the checkpoints announced, and the summaries.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests_support import outputs_of, pilot_up, run_notebook
+from tests_support import outputs_of, run_notebook_on_pilot_up
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -35,16 +33,7 @@ def text_of(outputs: list[dict]) -> str:
 def test_train_classifier_notebook_trains_with_ddp_and_classifies_with_a_cached_model(
     tmp_path: Path,
 ) -> None:
-    work = tmp_path / "notebook"
-    work.mkdir()
-    shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
-    env = {**os.environ, "PILOT_HOME": str(tmp_path / "home")}
-    with pilot_up(env) as up:
-        nb = run_notebook(
-            work / NOTEBOOK.name,
-            {**up, "IPYTHONDIR": str(tmp_path / "ipython")},
-            timeout=CELL_TIMEOUT_S,
-        )
+    nb = run_notebook_on_pilot_up(NOTEBOOK, tmp_path, CELL_TIMEOUT_S)
 
     train = outputs_of(nb, "%%distribute --ddp 2")
     text = text_of(train)

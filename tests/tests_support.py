@@ -219,6 +219,21 @@ def run_notebook(
         os.environ.update(old)
 
 
+def run_notebook_on_pilot_up(notebook: Path, tmp_path: Path, timeout: float) -> Any:
+    """``notebook`` copied into a fresh directory and run (nbclient) against a ``pilot up`` of
+    its own in ``tmp_path``; the executed notebook."""
+    import shutil
+
+    work = tmp_path / "notebook"
+    work.mkdir()
+    shutil.copy(notebook, work / notebook.name)
+    env = {**os.environ, "PILOT_HOME": str(tmp_path / "home")}
+    with pilot_up(env) as up:
+        return run_notebook(
+            work / notebook.name, {**up, "IPYTHONDIR": str(tmp_path / "ipython")}, timeout=timeout
+        )
+
+
 def outputs_of(nb: Any, starts: str) -> list[dict]:
     """The outputs of the one code cell whose source starts with ``starts``."""
     (cell,) = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(starts)]
