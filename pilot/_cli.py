@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from dataclasses import replace
@@ -87,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     gw.set_defaults(run=_gateway)
 
     wk = sub.add_parser("worker", help="run a worker")
-    wk.add_argument("--connect", default=None, help="connection file or tcp://HOST:PORT")
+    wk.add_argument(
+        "--connect", default=None, help="connection file, tcp://HOST:PORT, or - (stdin)"
+    )
     wk.add_argument("--discover", action="store_true", help="find the gateway on the LAN")
     wk.add_argument("--keys", default=None, help="with --discover: a connection file's keys")
     wk.add_argument("--slots", type=int, default=1)
@@ -223,8 +226,12 @@ def _worker(args: argparse.Namespace) -> int:
 
     if args.slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {args.slots}).")
+    later = None
     try:
-        connection = worker_connection(args.connect, args.discover, args.keys)
+        if args.connect == "-":  # read once the task processes have started (LocalCluster)
+            connection, later = ConnectionInfo(client_url="", worker_url="", key=""), _on_stdin
+        else:
+            connection = worker_connection(args.connect, args.discover, args.keys)
     except NoGateway as exc:
         if args.discover:
             raise
@@ -257,7 +264,7 @@ def _worker(args: argparse.Namespace) -> int:
         )
 
     async def serve() -> None:
-        async with Worker(settings) as w:
+        async with Worker(settings, connection=later) as w:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, w.stop)
@@ -265,6 +272,30 @@ def _worker(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+async def _on_stdin() -> ConnectionInfo:
+    """``pilot worker --connect -``: the connection file's text on stdin, read to its end
+    (``LocalCluster`` starts its workers with the gateway, and writes it once that is up)."""
+    # Read from a copy of descriptor 0, which then becomes /dev/null: closed, the next file
+    # opened would take number 0, and every process started from here would read from it.
+    pipe = os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    with open(os.devnull, "rb") as null:
+        os.dup2(null.fileno(), sys.stdin.fileno())
+    if stat.S_ISREG(os.fstat(pipe.fileno()).st_mode):  # `< connection.json`
+        with pipe:
+            text = pipe.read()
+    else:  # a pipe or a terminal: read without blocking the loop (or a thread at exit)
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+        try:
+            text = await reader.read()
+        finally:
+            transport.close()  # closes the copy
+    return ConnectionInfo.parse(text.decode(errors="replace"), "the connection on stdin")
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ foreground. Every process it starts, it stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -104,9 +105,16 @@ class LocalCluster:
         self.stop()
 
     def start(self, wait: bool = True) -> None:
+        # The workers start first and import while the gateway starts (a third of the time to
+        # ready); each waits for the connection on its stdin, written once the gateway is up.
+        early = [self._spawn_worker("-") for _ in range(self.n_workers)]
         self.start_gateway()
-        for _ in range(self.n_workers):
-            self.add_worker()
+        text = self.connection_file.read_bytes()
+        for proc in early:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):  # it died: wait_for_workers says so
+                proc.stdin.write(text)
+            _close(proc.stdin)
         if wait:
             self.wait_for_workers(self.n_workers)
 
@@ -144,6 +152,12 @@ class LocalCluster:
         return self.connection
 
     def add_worker(self, *extra: str, name: str | None = None) -> subprocess.Popen[bytes]:
+        """Start one more worker of the running gateway."""
+        return self._spawn_worker(str(self.connection_file), *extra, name=name)
+
+    def _spawn_worker(
+        self, connect: str, *extra: str, name: str | None = None
+    ) -> subprocess.Popen[bytes]:
         index = len(self.workers)
         cores = _core_share(index, self.n_workers)
         cmd = [
@@ -152,7 +166,7 @@ class LocalCluster:
             "pilot",
             "worker",
             "--connect",
-            str(self.connection_file),
+            connect,
             "--slots",
             str(self.slots),
             "--name",
@@ -161,7 +175,8 @@ class LocalCluster:
             *self.worker_args,
             *extra,
         ]
-        proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_ends_with_us())
+        stdin = subprocess.PIPE if connect == "-" else None
+        proc = subprocess.Popen(cmd, stdin=stdin, env=self.env, preexec_fn=_ends_with_us())
         self.workers.append(proc)
         return proc
 
@@ -208,6 +223,9 @@ class LocalCluster:
         procs = [p for p in self.workers if p.poll() is None]
         for p in procs:
             p.send_signal(signal.SIGTERM)
+        for p in self.workers:
+            if p.stdin is not None:  # the gateway never came up: nothing more to say
+                _close(p.stdin)
         _wait_all(procs, STOP_TIMEOUT_S)
         if self.gateway is not None and self.gateway.poll() is None:
             self.gateway.send_signal(signal.SIGTERM)
@@ -218,6 +236,11 @@ class LocalCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _close(pipe: IO[bytes]) -> None:
+    with contextlib.suppress(BrokenPipeError):  # the process at the other end is gone
+        pipe.close()
 
 
 def _ends_with_us() -> Any:

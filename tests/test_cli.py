@@ -48,11 +48,14 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def pilot_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run ``pilot ARGS`` to completion (bounded by ``CLI_TIMEOUT_S``)."""
+def pilot_cli(
+    *args: str, env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``pilot ARGS`` to completion (bounded by ``CLI_TIMEOUT_S``), ``stdin`` its input."""
     return subprocess.run(
         [sys.executable, "-m", "pilot", *args],
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,
@@ -112,15 +115,18 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 
 @contextlib.contextmanager
-def running(args: list[str], env: dict[str, str], logs: Path, name: str) -> Iterator[Server]:
-    """Start ``pilot ARGS`` in its own process group; stop it (and its group) on the way out."""
+def running(
+    args: list[str], env: dict[str, str], logs: Path, name: str, stdin: Path | None = None
+) -> Iterator[Server]:
+    """Start ``pilot ARGS`` (reading the file ``stdin``, else nothing) in its own process
+    group; stop it (and its group) on the way out."""
     logs.mkdir(parents=True, exist_ok=True)
     out, err = logs / f"{name}.out", logs / f"{name}.err"
-    with out.open("wb") as fout, err.open("wb") as ferr:
+    with out.open("wb") as fout, err.open("wb") as ferr, open(stdin or os.devnull, "rb") as fin:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pilot", *args],
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=fin,
             stdout=fout,
             stderr=ferr,
             start_new_session=True,  # its own group: a leftover is killed with its children
@@ -274,6 +280,25 @@ def test_worker_with_negative_cores_fails_with_a_clear_message(up: Up) -> None:
     assert result.returncode != 0
     assert "--cores must be 0 (every core) or more" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_worker_reads_its_connection_file_on_stdin(up: Up) -> None:
+    """``pilot worker --connect - < connection.json`` (``LocalCluster`` and ``pilot up`` pipe
+    it in once the gateway is up: their workers start beside it)."""
+    args = ["worker", "--connect", "-", "--name", "from-stdin"]
+    with running(args, up.env, up.home / "logs", "stdin", stdin=up.connection_file) as worker:
+        status = ok(pilot_cli("status", "--wait-workers", "3", "--json", env=up.env))
+        names = sorted(w["name"] for w in json.loads(status)["workers"])
+        assert names == ["from-stdin", "local-0", "local-1"], worker.logs()
+        assert worker.interrupt() == 0, worker.logs()
+
+
+def test_a_worker_given_no_connection_on_stdin_fails_with_a_clear_message(up: Up) -> None:
+    for given in ("", "not json", "[1, 2]", '{"client_url": "tcp://127.0.0.1:1"}'):
+        result = pilot_cli("worker", "--connect", "-", env=up.env, stdin=given)
+        assert result.returncode != 0, given
+        assert "the connection on stdin" in result.stderr.lower(), result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_status_without_a_gateway_says_to_run_pilot_up(tmp_path: Path) -> None:

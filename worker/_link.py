@@ -54,11 +54,20 @@ class GatewayLink:
         self._hello = hello
         self._on_message = on_message
         self._end_turn = end_turn
-        self._codec = Codec(settings.connection.key, max_message_bytes=settings.max_message_bytes)
+        self._codec = self._codec_for(settings)
         self._sock: zmq.Socket[Any] | None = None
         self._drain: Drain | None = None
         self._last_heard = time.monotonic()
         self._hello_at = 0.0
+
+    @staticmethod
+    def _codec_for(settings: WorkerSettings) -> Codec:
+        return Codec(settings.connection.key, max_message_bytes=settings.max_message_bytes)
+
+    def use(self, settings: WorkerSettings) -> None:
+        """Settings with the gateway's connection, known only now (before ``connect()``)."""
+        self._settings = settings
+        self._codec = self._codec_for(settings)
 
     @property
     def silent_s(self) -> float:

@@ -50,7 +50,7 @@ class Meetings:
     reaches it; ``forward(msg)`` sends to the gateway."""
 
     def __init__(self, gateway_host: str, forward: Callable[[Any], None]) -> None:
-        self._gateway_host = gateway_host
+        self.gateway_host = gateway_host
         self._forward = forward
         self._kept: OrderedDict[Group, _Meeting] = OrderedDict()
 
@@ -69,7 +69,7 @@ class Meetings:
             if info.local_world_size == info.world_size:
                 addr = "127.0.0.1"  # every rank is here
             else:
-                addr = local_address_towards(self._gateway_host)
+                addr = local_address_towards(self.gateway_host)
             m.listener = open_rendezvous_socket(addr)
             port = m.listener.getsockname()[1]
             m.where.set_result((addr, port))

@@ -120,8 +120,7 @@ class RankHost:
         ended: Callable[[Assignment, TaskResult], None],
         wake: Callable[[], None],
     ) -> None:
-        gateway_host = urlsplit(settings.connection.worker_url).hostname or "127.0.0.1"
-        self._meetings = Meetings(gateway_host, forward)
+        self._meetings = Meetings(_host(settings), forward)
         self._cores = settings.cores or cpu_count()  # shared among a group's ranks here
         self._env = env
         self._blobs_dir = work_dir
@@ -144,6 +143,10 @@ class RankHost:
         r = _Rank(task, self._dir / f"{task.job_id}-{task.index}-{task.attempt}")
         self._ranks[key] = r
         r.runner = asyncio.get_running_loop().create_task(self._run(r))
+
+    def use(self, settings: WorkerSettings) -> None:
+        """Settings with the gateway's connection, known only now (before any rank)."""
+        self._meetings.gateway_host = _host(settings)
 
     def rendezvous(self, msg: Rendezvous) -> None:
         """Where a group meets, from the gateway: its ranks here (now or later) start."""
@@ -385,3 +388,8 @@ class RankHost:
         return TaskResult(
             t.job_id, t.index, t.attempt, status, value, text, duration, progressed=progressed
         )
+
+
+def _host(settings: WorkerSettings) -> str:
+    """The gateway's address as this worker reaches it."""
+    return urlsplit(settings.connection.worker_url).hostname or "127.0.0.1"

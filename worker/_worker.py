@@ -34,7 +34,8 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from gateway.protocol import (
     Assign,
     BlobReply,
     CancelTasks,
+    ConnectionInfo,
     ErrorReply,
     Goodbye,
     Heartbeat,
@@ -77,7 +79,9 @@ READY_TIMEOUT_S = 60.0  # task processes that are not ready by then fail the sta
 
 class Worker:
     """See the module docstring. ``env`` is the task processes' environment (default: this
-    process's); ``blob_cache_bytes`` bounds the functions kept in memory."""
+    process's); ``blob_cache_bytes`` bounds the functions kept in memory. ``connection``, when
+    the gateway's connection is known only later (``pilot worker --connect -``), is awaited
+    once the task processes have started, and replaces ``settings.connection``."""
 
     def __init__(
         self,
@@ -85,8 +89,10 @@ class Worker:
         *,
         env: dict[str, str] | None = None,
         blob_cache_bytes: int = BLOB_CACHE_BYTES,
+        connection: Callable[[], Awaitable[ConnectionInfo]] | None = None,
     ) -> None:
         self.settings = settings
+        self._connection_later = connection
         self.state = WorkerState.NEW
         self.gateway_id = ""
         self.gpus = detect_gpus()
@@ -165,6 +171,8 @@ class Worker:
         try:
             self.tasks.pool.listen(self._from_process, self._end_turn)
             await asyncio.wait_for(self.tasks.ready.wait(), READY_TIMEOUT_S)
+            if self._connection_later is not None:
+                self._use(await self._connection_later())
             self._connect()
             self._group.create_task(self._heartbeat())
         except BaseException:
@@ -218,6 +226,11 @@ class Worker:
         self._group.create_task(coro)
 
     # -- the gateway ------------------------------------------------------------------------
+
+    def _use(self, connection: ConnectionInfo) -> None:
+        self.settings = replace(self.settings, connection=connection)  # checks the keys again
+        self.link.use(self.settings)
+        self.ranks.use(self.settings)
 
     def _connect(self) -> None:
         self.state = WorkerState.CONNECTING

@@ -128,19 +128,31 @@ class ConnectionInfo:
         it cannot be parsed."""
         path = Path(path).expanduser()
         try:
-            raw = json.loads(path.read_text())
+            text = path.read_text()
         except FileNotFoundError:
             raise NoGateway(
                 f"No gateway found: {path} does not exist. Run `pilot up`, or connect to a "
                 "gateway with `pilot.connect('tcp://HOST:PORT')` / `%pilot connect tcp://HOST:PORT`."
             ) from None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise ConfigError(f"Cannot read connection file {path}: {exc}") from exc
+        return cls.parse(text, f"connection file {path}")
+
+    @classmethod
+    def parse(cls, text: str, source: str = "the connection file") -> ConnectionInfo:
+        """A connection file's text (``source`` names it in errors). Raises ``ConfigError``
+        if it cannot be parsed."""
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"Cannot read {source}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Cannot read {source}: it is not a JSON object.")
         known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         try:
             return cls(**known)
         except TypeError as exc:
-            raise ConfigError(f"Connection file {path} lacks a field: {exc}") from exc
+            raise ConfigError(f"{source[0].upper()}{source[1:]} lacks a field: {exc}") from exc
 
     def save(self, path: Path | str) -> Path:
         """Write atomically with mode 0600 (it holds the key)."""
