@@ -73,7 +73,7 @@ from gateway.protocol import TaskStatus as S
 from worker._blender import BlenderInfo
 from worker._capture import OUTPUT_BUDGET_BYTES, Capture
 from worker._control import Control
-from worker._display import install_display
+from worker._display import install_display_on_import
 from worker._orphan import die_with_parent
 from worker._render_task import render_task
 from worker._taskdata import TaskFiles
@@ -195,7 +195,7 @@ class _TaskProcess:
     def serve(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
         self.capture.start()
-        install_display(self.capture)
+        install_display_on_import(self.capture)
         self._send(Heartbeat())
         while True:
             match self._next():
