@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.client._outcomes import Outcomes
 from gateway.client._queries import job_stats
 from gateway.client._render import RenderOutput, submit_render
 from gateway.protocol import (
@@ -62,9 +63,9 @@ class Job:
         self.spec = spec
         self.id = spec.job_id if spec is not None else job_id
         self.items = items
-        #: Finished tasks by index (the one client-side record of them); filled on the
-        #: client's IO thread, read on the user's.
-        self.tasks: dict[int, TaskDone] = {}
+        #: Finished tasks by index (the one client-side record of them, in columns: a
+        #: ``Mapping[int, TaskDone]``); filled on the client's IO thread, read on the user's.
+        self.tasks = Outcomes(self.id, spec.n_tasks if spec is not None else 0)
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._finished = threading.Event()
         self.state = Status.QUEUED
@@ -96,7 +97,7 @@ class Job:
     def on_event(self, ev: Any) -> None:
         """Called by the client on its IO thread: a finished task, an output, or a state."""
         if isinstance(ev, TaskDone):
-            self.tasks[ev.index] = ev
+            self.tasks.add(ev)
         elif isinstance(ev, Output):
             if ev.kind == OutputKind.METRICS:
                 self.metrics.append(dict(ev.data))
@@ -147,12 +148,10 @@ class Job:
 
     def failures(self) -> list[TaskError]:
         """A ``TaskError`` per failed task, in item order."""
-        errors = []
-        for index in sorted(self.tasks):
-            d = self.tasks[index]
-            if d.status not in (TaskStatus.OK, TaskStatus.CANCELLED):
-                errors.append(self._task_error(d))
-        return errors
+        fine = (TaskStatus.OK, TaskStatus.CANCELLED)
+        return [
+            self._task_error(self.tasks[i]) for i in self.tasks if self.tasks.status(i) not in fine
+        ]
 
     def _task_error(self, d: TaskDone) -> TaskError:
         item, label = self._item_of(d)
@@ -193,11 +192,11 @@ class Job:
         if self.kind == JobKind.RENDER:
             return self.frames
         if self.kind == JobKind.DDP:
-            return [self.value(i) for i in sorted(self.tasks) if self._ok(i)]
+            return [self.value(i) for i in self.tasks if self._ok(i)]
         return self._flat(range(self.n_tasks))
 
     def _ok(self, index: int) -> bool:
-        return self.tasks[index].status == TaskStatus.OK
+        return self.tasks.status(index) == TaskStatus.OK
 
     # -- render jobs ----------------------------------------------------------------------
 
@@ -250,8 +249,8 @@ class Job:
         URLs they were written to with ``results=URL``."""
         dest = Path(dest_dir) if dest_dir is not None else default_home() / "results" / self.id
         out: dict[int, list[str]] = {}
-        for i in sorted(self.tasks):
-            for ref in self.tasks[i].files:
+        for i, d in self.tasks.whole():  # only outcomes kept whole have files
+            for ref in d.files:
                 where = ref.url or str(self.client.fetch_file(ref, dest))
                 item = ref.item if ref.item >= 0 else i
                 out.setdefault(item, []).append(where)
@@ -260,8 +259,8 @@ class Job:
     def outcomes(self) -> dict[int, Any]:
         """Task index -> value for the tasks that succeeded so far (map: item index)."""
         out = {}
-        for i in sorted(self.tasks):
-            if self.tasks[i].status == TaskStatus.OK:
+        for i in self.tasks:
+            if self.tasks.status(i) == TaskStatus.OK:
                 if self.kind == JobKind.MAP:
                     for k, v in enumerate(self.value(i)):
                         out[i * self.chunk + k] = v
