@@ -78,17 +78,27 @@ def _enum_fields(cls: type) -> tuple[tuple[str, type[enum.IntEnum]], ...]:
 
 
 # Fields that travel as ints and are decoded back into their enum (an unknown value is a
-# malformed message).
-_ENUMS = {cls: e for cls in (*MESSAGE_TYPES, *RECORD_TYPES) if (e := _enum_fields(cls))}
+# malformed message): (position, the enum's members by value) for each such field.
+_ENUMS = {
+    cls: tuple(
+        (names.index(name), dict(enum_cls._value2member_map_))
+        for name, enum_cls in e
+        for names in ([f.name for f in fields(cls)],)
+    )
+    for cls in (*MESSAGE_TYPES, *RECORD_TYPES)
+    if (e := _enum_fields(cls))
+}
 
 
 def _construct(cls: type, values: tuple[Any, ...]) -> Any:
-    obj = cls(*values[: _NFIELDS[cls]])
     conv = _ENUMS.get(cls)
-    if conv is not None:  # after construction: frozen, so through object.__setattr__
-        for name, enum_cls in conv:
-            object.__setattr__(obj, name, enum_cls(getattr(obj, name)))
-    return obj
+    if conv is None:
+        return cls(*values[: _NFIELDS[cls]])
+    vals = list(values[: _NFIELDS[cls]])
+    for pos, members in conv:
+        if pos < len(vals):  # a field an older peer does not send keeps its default
+            vals[pos] = members[vals[pos]]  # KeyError: not a member (a malformed message)
+    return cls(*vals)
 
 
 def _field_values(obj: Any) -> Any:
