@@ -12,7 +12,8 @@ records), the ``Scheduler`` (a pure state machine that alone owns job and task s
 ``Gatekeeper`` (``_auth``: its keys, its users and the ZAP handler that checks each handshake),
 which names the sender of each message (a ``Principal``: whose jobs it may see) before it is
 handled; a removed user's or worker's next message is refused. Everyone is the admin when the
-gateway does not encrypt.
+gateway does not encrypt. The ``OffLoopDecoder`` (``_offloop``) decodes a client's big messages
+(a ``Submit`` of a million tasks) on a thread, so the loop answers others meanwhile.
 
 A loop turn drains every message waiting on a socket, feeds the handlers, commits the state
 (group commit), and only then sends what the turn produced, workers first: a result reaches a
@@ -45,16 +46,14 @@ from gateway.protocol import (
     Codec,
     ConnectionInfo,
     Drain,
+    Envelope,
     ErrorReply,
     GatewaySettings,
-    JobKind,
     MessageTooLarge,
     PilotError,
     ProtocolError,
     Refused,
-    Status,
     StatusReply,
-    TaskAttempt,
     VersionMismatch,
     curve_server,
     send_frames,
@@ -62,12 +61,13 @@ from gateway.protocol import (
 from gateway.server import _scheduler as sch
 from gateway.server._auth import Gatekeeper
 from gateway.server._blobs import BlobStore
-from gateway.server._clientside import ClientHandler, job_added
+from gateway.server._clientside import ClientHandler
 from gateway.server._instructions import Executor
 from gateway.server._monitor import Monitor
+from gateway.server._offloop import BIG_BYTES, OffLoopDecoder
 from gateway.server._outbox import Outbox
-from gateway.server._registry import JobRecord, Registry
-from gateway.server._secrets import LOST_SECRETS, lost_secrets
+from gateway.server._registry import Registry
+from gateway.server._resume import resume
 from gateway.server._state import StateStore
 from gateway.server._users import ADMIN, Principal
 from gateway.server._workerside import WorkerHandler
@@ -113,6 +113,16 @@ class Gateway:
         self._http: Any = None  # the dashboard (``_http.Dashboard``), when it has one
         self.monitor = Monitor()  # cheap measurements, and the dashboard's live feed
         self.gate: Gatekeeper | None = None  # a secure gateway's keys and users
+        self._offloop = OffLoopDecoder(  # big client messages, decoded on a thread
+            Codec(key, accept=FROM_CLIENT, **limits),  # type: ignore[arg-type]
+            lambda frames, hw, decoded: self._handle(
+                frames, decoded, hw[0], self._send_client, hw[1]
+            ),
+            lambda frames, hw: self._receive(
+                frames, self._client_codec, hw[0], self._send_client, hw[1]
+            ),
+            self._turn_later,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -162,7 +172,7 @@ class Gateway:
         client_url = self._clients_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         worker_url = self._workers_sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         http_url = await self._start_http()
-        self._resume()
+        resume(self.store, self.registry, self.executor, self.settings)
         self.connection = ConnectionInfo(
             client_url=client_url,
             worker_url=worker_url,
@@ -205,6 +215,7 @@ class Gateway:
             await self._group.__aexit__(None, None, None)
         if self._http is not None:
             await self._http.stop()
+        self._offloop.close()
         self.store.close()
         self._remove_connection_file()
         self._workers_sock.disable_monitor()
@@ -260,43 +271,17 @@ class Gateway:
         self.clients.dashboard = self._http
         return str(self._http.url)
 
-    def _resume(self) -> None:
-        """Rebuild jobs and scheduler state from the store after a restart."""
-        now = time.monotonic()
-        for u in self.store.unfinished_jobs():
-            spec = u.spec
-            if lost_secrets(spec):  # they were in the memory of the gateway that stopped
-                self.store.job_settled(spec.job_id, Status.FAILED, LOST_SECRETS, len(u.settled), 0)
-                log.warning("job %s failed: %s", spec.job_id, LOST_SECRETS)
-                continue
-            record = JobRecord(spec, {}, set(), u.created, user=u.owner)
-            self.registry.add(record)
-            if spec.kind in (JobKind.RENDER, JobKind.DDP):  # frames and checkpoints stored
-                for out in self.store.outputs(spec.job_id):
-                    record.keep(out)
-            self.executor.handle(
-                job_added(
-                    spec,
-                    now,
-                    self.settings,
-                    settled=u.settled,
-                    orphans=tuple(TaskAttempt(spec.job_id, i, a) for i, a, _ in u.out),
-                    orphan_workers=tuple(w for _, _, w in u.out),
-                )
-            )
-            log.info(
-                "resumed job %s: %d settled, %d out on workers",
-                spec.job_id,
-                len(u.settled),
-                len(u.out),
-            )
-
     # -- the loops --------------------------------------------------------------------------
 
     def _from_client(self, frames: list[zmq.Frame]) -> None:
         who = self.gate.sender(frames, ZAP_CLIENTS) if self.gate is not None else EVERYONE
         handle = self.clients.handle if who is not None else self.clients.removed
-        self._receive(frames, self._client_codec, handle, self._send_client, who)
+        size = sum(len(f) for f in frames)
+        if self._offloop.takes(frames[0].bytes, size):  # a big Submit, or one behind it
+            self.counters["decoded_off_loop"] += size >= BIG_BYTES
+            self._offloop.take(frames[0].bytes, frames, (handle, who))
+        else:
+            self._receive(frames, self._client_codec, handle, self._send_client, who)
 
     def _from_worker(self, frames: list[zmq.Frame]) -> None:
         if self.gate is not None and self.gate.sender(frames, ZAP_WORKERS) is None:
@@ -317,25 +302,33 @@ class Gateway:
     def _receive(
         self, frames: list[zmq.Frame], codec: Codec, handle: Any, reply: Any, *who: Any
     ) -> None:
+        try:
+            decoded: Envelope | Exception = codec.decode(frames[1:])
+        except (VersionMismatch, MessageTooLarge, ProtocolError) as exc:
+            decoded = exc
+        self._handle(frames, decoded, handle, reply, *who)
+
+    def _handle(
+        self, frames: list[zmq.Frame], decoded: Any, handle: Any, reply: Any, *who: Any
+    ) -> None:
         ident = frames[0].bytes
         self.counters["bytes_in"] += sum(len(f) for f in frames)  # to show what we relay
-        try:
-            env = codec.decode(frames[1:])
-        except VersionMismatch as exc:
+        if isinstance(decoded, Exception):
             self.counters["rejected"] += 1
-            log.warning("refused peer %r: %s", ident, exc)
-            reply(ident, Refused(str(exc), retry=False))
-            return
-        except (MessageTooLarge, ProtocolError) as exc:
-            self.counters["rejected"] += 1
-            log.warning("rejected a message from %r: %s", ident, exc)
+            if isinstance(decoded, VersionMismatch):
+                log.warning("refused peer %r: %s", ident, decoded)
+                reply(ident, Refused(str(decoded), retry=False))
+            elif isinstance(decoded, MessageTooLarge | ProtocolError):
+                log.warning("rejected a message from %r: %s", ident, decoded)
+            else:  # decoded off the loop (``_offloop``): a bug, not the peer's fault
+                log.error("could not decode a message from %r", ident, exc_info=decoded)
             return
         try:
-            handle(ident, env.msg_id, env.msg, *who)
+            handle(ident, decoded.msg_id, decoded.msg, *who)
         except Exception:
             self.counters["handler_errors"] += 1
-            log.exception("error handling %s from %r", type(env.msg).__name__, ident)
-            reply(ident, ErrorReply(env.msg_id, "internal gateway error: see its log"))
+            log.exception("error handling %s from %r", type(decoded.msg).__name__, ident)
+            reply(ident, ErrorReply(decoded.msg_id, "internal gateway error: see its log"))
 
     async def _ticker(self) -> None:
         while not self._stop_event.is_set():
