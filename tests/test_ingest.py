@@ -54,6 +54,12 @@ def test_a_job_of_many_slices_runs_whole_and_each_result_comes_once(
     assert sorted(seen) == list(range(10 * SLICE + 7)), "every task's result, once"
     stored = gw.call(lambda g: g.store.settled_tasks(job.id))
     assert len(stored) == 10 * SLICE + 7
+    # A client re-attaching after a gateway restart says what it has: the replay is the rest.
+    known = bytearray(job.tasks.known())
+    assert known == b"\x01" * (10 * SLICE + 7)
+    known[3] = known[500] = 0
+    missed = gw.call(lambda g: g.store.settled_tasks(job.id, bytes(known[:900])))
+    assert [d.index for d in missed] == [3, 500, *range(900, 10 * SLICE + 7)]
     assert (
         gw.call(lambda g: len(g.registry.jobs[job.id].args) if job.id in g.registry.jobs else 0)
         <= 4096

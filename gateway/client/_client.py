@@ -385,7 +385,7 @@ class AsyncClient:
         self._outbox[:0] = list(self._unacked.values())
         for job in self.jobs.values():
             if not job.state.finished and job.id not in self._unacked:
-                self._send(AttachJob(job.id, replay_outputs=False))
+                self._send(AttachJob(job.id, replay_outputs=False, known=job.tasks.known()))
 
     async def _heartbeat(self) -> None:
         interval = self.timeouts.heartbeat_interval_s

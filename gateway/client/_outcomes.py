@@ -21,6 +21,8 @@ from gateway.protocol import Payload, TaskDone, TaskStatus
 
 __all__ = ["Outcomes"]
 
+_KNOWN = bytes([0] + [1] * 255)  # a status byte -> whether the task is there
+
 
 class Outcomes(Mapping[int, TaskDone]):
     """See the module docstring. ``n`` is the job's number of tasks where it is known (the
@@ -110,6 +112,10 @@ class Outcomes(Mapping[int, TaskDone]):
         """The outcomes kept whole (those with an error, files or a failed item), in index
         order."""
         return sorted(self._whole.items())
+
+    def known(self) -> bytes:
+        """One byte per task index, 1 where its outcome is here (``AttachJob.known``)."""
+        return self._status.translate(_KNOWN)
 
     def status(self, index: int) -> TaskStatus:
         """Task ``index``'s status without building its ``TaskDone`` (``KeyError``: not

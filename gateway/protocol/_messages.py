@@ -537,6 +537,9 @@ class AttachJob:
 
     job_id: str
     replay_outputs: bool = True
+    # One byte per task index, nonzero where the client has that task's outcome already: the
+    # replay leaves those out (a client re-attaching after a gateway restart has most of them).
+    known: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,14 +790,5 @@ FROM_CLIENT: tuple[type, ...] = (
     GetBlob,
     *_monitoring.FROM_CLIENT,
 )
-FROM_WORKER: tuple[type, ...] = (
-    WorkerHello,
-    Heartbeat,
-    Goodbye,
-    TaskResults,
-    TasksStarted,
-    Outputs,
-    PutBlob,
-    GetBlob,
-    RendezvousReady,
-)
+FROM_WORKER: tuple[type, ...] = (WorkerHello, Heartbeat, Goodbye, TaskResults, TasksStarted)
+FROM_WORKER += (Outputs, PutBlob, GetBlob, RendezvousReady)

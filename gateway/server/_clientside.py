@@ -292,7 +292,7 @@ class ClientHandler:
             outs = self._store.outputs(msg.job_id)
             if outs:
                 self._outbox.client(ident, Outputs(tuple(outs)))
-        settled = self._store.settled_tasks(msg.job_id)
+        settled = self._store.settled_tasks(msg.job_id, msg.known)
         if settled:
             self._outbox.client(ident, TaskEvents(tuple(settled)))
         if job is None:  # finished: say so after the replay

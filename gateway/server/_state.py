@@ -11,7 +11,6 @@ the blob store, referenced by digest. Job specs are stored without secrets (``_s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sqlite3
 import time
@@ -32,7 +31,7 @@ from gateway.protocol import (
     pack_record,
     unpack_record,
 )
-from gateway.server._blobs import BlobStore, pack_payload, unpack_payload
+from gateway.server._blobs import BlobStore, known_key, pack_payload, unpack_payload
 from gateway.server._secrets import for_disk
 
 __all__ = ["StateStore", "UnfinishedJob"]
@@ -62,21 +61,6 @@ CREATE INDEX IF NOT EXISTS outputs_by_task ON outputs (job_id, idx);
 DROP INDEX IF EXISTS jobs_by_state;
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created) WHERE state < 2;
 """
-
-
-def _known_key(p: Payload) -> str | None:
-    """A blob key for ``p`` made from the SHA-256 of its frames that the codec computed when it
-    verified them (``Payload.digests``), so a 100 MB argument is not hashed a second time. The
-    key hashes a tag and every part's digest: content-addressed, and apart from plain content
-    digests. None when the digests are not known."""
-    known = p.digests
-    if not known:
-        return None
-    if len(known) == len(p.buffers):  # the data travelled inline: hash it (it is small)
-        known = (hashlib.sha256(p.data).digest(), *known)
-    elif len(known) != len(p.buffers) + 1:
-        return None
-    return hashlib.sha256(b"pilot-payload-v1\0" + b"".join(known)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +169,7 @@ class StateStore:
     def _payload_columns(self, p: Payload) -> tuple[bytes | None, str | None]:
         if p.nbytes <= self.inline_bytes:
             return pack_payload(p), None
-        return None, self.blobs.put(p, key=_known_key(p))
+        return None, self.blobs.put(p, key=known_key(p))
 
     def _payload_from(self, raw: bytes | None, ref: str | None) -> Payload:
         return unpack_payload(raw) if raw is not None else self.blobs.get(ref or "")
@@ -327,12 +311,17 @@ class StateStore:
             out.append(UnfinishedJob(spec, settled, tuple(running), created, owner or ""))
         return out
 
-    def settled_tasks(self, job_id: str) -> list[TaskDone]:
+    def settled_tasks(self, job_id: str, known: bytes = b"") -> list[TaskDone]:
+        """The settled tasks of ``job_id`` in index order, but those ``known`` marks (one byte
+        per index, nonzero: the asker has it already; ``AttachJob.known``)."""
         rows = self._db.execute(
             "SELECT idx, status, value, value_ref, error, worker, attempts, duration_s, item "
             "FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx",
             (job_id,),
-        ).fetchall()
+        )
+        if known:
+            n = len(known)
+            rows = (r for r in rows if r[0] >= n or not known[r[0]])  # type: ignore[assignment]
         return [
             TaskDone(
                 job_id,
