@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from gateway.protocol import Resources, Status
@@ -34,13 +35,42 @@ class _Task:
     orphan_deadline: float = 0.0
 
 
+class _Tasks(Sequence[_Task]):
+    """A job's tasks by index, each record made when it is first looked at. A task nothing
+    looked at yet is queued, with nothing else to say; so a job of a million tasks does not
+    build a million records in the turn that adds it (a second, with every client and worker
+    waiting)."""
+
+    __slots__ = ("_made",)
+
+    def __init__(self, n: int) -> None:
+        self._made: list[_Task | None] = [None] * n
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def __getitem__(self, index: int) -> _Task:  # type: ignore[override]
+        t = self._made[index]
+        if t is None:
+            t = self._made[index] = _Task(index % len(self._made))
+        return t
+
+    def __iter__(self) -> Iterator[_Task]:
+        return (self[i] for i in range(len(self._made)))
+
+    def queued(self) -> Iterator[int]:
+        """The indices of the queued tasks, in order, without making a record."""
+        made, queued = self._made, _T.QUEUED
+        return (i for i, t in enumerate(made) if t is None or t.state is queued)
+
+
 @dataclass(slots=True, eq=False)
 class _Job:
     job_id: str
     resources: Resources
     timeout_s: float
     retries: int
-    tasks: list[_Task]
+    tasks: _Tasks
     queue: deque[int] = field(default_factory=deque)
     unsettled: int = 0
     done: int = 0  # tasks that succeeded

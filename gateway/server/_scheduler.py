@@ -75,7 +75,7 @@ from gateway.server._sched_events import (
     WorkerJoined,
     WorkerLeft,
 )
-from gateway.server._sched_state import _T, _Job, _Task, _Worker
+from gateway.server._sched_state import _T, _Job, _Task, _Tasks, _Worker
 
 __all__ = [
     "AssignGang",
@@ -199,24 +199,23 @@ class Scheduler:
         return t.worker if t.state is _T.OUT else None
 
     def _job_added(self, ev: JobAdded) -> None:
-        job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, [], family=ev.family)
+        tasks = _Tasks(ev.n_tasks)
+        job = _Job(ev.job_id, ev.resources, ev.timeout_s, ev.retries, tasks, family=ev.family)
         job.data_keys = ev.data_keys
         job.retry_errors = ev.retry_errors
         job.long_tasks = ev.long_tasks
         job.gang, job.world, job.restarts = ev.gang, ev.n_tasks, ev.restarts
         job.min_tasks = min(ev.min_tasks, ev.n_tasks) if ev.min_tasks > 0 else ev.n_tasks
-        job.tasks = [_Task(i) for i in range(ev.n_tasks)]
-        settled = set(ev.settled)
-        for t in job.tasks:
-            if t.index in settled:
-                t.state = _T.FINAL
+        settled = {i for i in ev.settled if 0 <= i < ev.n_tasks}
+        for i in settled:
+            tasks[i].state = _T.FINAL
         for att, worker in zip(ev.orphans, ev.orphan_workers, strict=True):
-            t = job.tasks[att.index]
+            t = tasks[att.index]
             t.state, t.attempt, t.worker = _T.ORPHAN, att.attempt, worker
             t.orphan_deadline = ev.now + self.orphan_grace_s
             self._orphans.append((ev.job_id, t))
-        job.queue.extend(t.index for t in job.tasks if t.state is _T.QUEUED)
-        job.unsettled = sum(1 for t in job.tasks if t.state is not _T.FINAL)
+        job.queue.extend(tasks.queued() if settled or ev.orphans else range(ev.n_tasks))
+        job.unsettled = ev.n_tasks - len(settled)
         self.jobs[job.job_id] = job
         if job.unsettled == 0:
             self._settle_job(job)
