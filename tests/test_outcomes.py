@@ -3,6 +3,7 @@ in index order, with no socket; and a job of many tasks holds little per task.""
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import threading
 import tracemalloc
@@ -120,3 +121,24 @@ def test_a_million_tasks_cost_little_each() -> None:
         tracemalloc.stop()
     assert kept / n < 40, f"{kept / n:.0f} bytes a task"
     assert got[n - 1].worker == "w-1"
+
+
+def test_a_jobs_unread_events_keep_little_and_read_whole() -> None:
+    """Events nobody reads (a user who only asks ``job.results``) hold an index per task, and
+    ``events()`` gives each back as the ``TaskDone`` that came."""
+    from gateway.client._job import Job
+
+    n = 100_000
+    job = Job(None, None, job_id="job-1")  # type: ignore[arg-type]  # no client needed here
+    value = Payload(pickle.dumps(None))
+    tracemalloc.start()
+    try:
+        for i in range(n):
+            job.on_event(TaskDone("job-1", i, TaskStatus.OK, value, worker="w-1", duration_s=0.5))
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept / n < 80, f"{kept / n:.0f} bytes a task"
+    first = job.next_event(timeout=0)
+    assert same(first, TaskDone("job-1", 0, TaskStatus.OK, value, worker="w-1", duration_s=0.5))
+    assert [ev.index for ev in itertools.islice(job.events(timeout=0), 3)] == [1, 2, 3]

@@ -98,7 +98,11 @@ class Job:
         """Called by the client on its IO thread: a finished task, an output, or a state."""
         if isinstance(ev, TaskDone):
             self.tasks.add(ev)
-        elif isinstance(ev, Output):
+            # Queued as its index, made whole again when read: a job of a million tasks whose
+            # events nobody reads keeps a small int for each, not a TaskDone.
+            self._events.put(ev.index)
+            return
+        if isinstance(ev, Output):
             if ev.kind == OutputKind.METRICS:
                 self.metrics.append(dict(ev.data))
             elif ev.kind == OutputKind.FRAME:
@@ -283,7 +287,7 @@ class Job:
         With ``timeout``, stop yielding after that long without an event."""
         while True:
             try:
-                ev = self._events.get(timeout=timeout)
+                ev = self._event(self._events.get(timeout=timeout))
             except queue.Empty:
                 return
             yield ev
@@ -293,9 +297,12 @@ class Job:
     def next_event(self, timeout: float | None = None) -> Any | None:
         """The next event (as ``events`` yields them), or None after ``timeout`` without one."""
         try:
-            return self._events.get(timeout=timeout)
+            return self._event(self._events.get(timeout=timeout))
         except queue.Empty:
             return None
+
+    def _event(self, ev: Any) -> Any:
+        return self.tasks[ev] if type(ev) is int else ev  # a finished task, by its index
 
     def stream(self) -> Iterator[Output]:
         """Only the outputs, live, until the job ends."""
