@@ -13,12 +13,14 @@ On a ``LocalCluster`` (a gateway and ``--workers`` workers of one slot, as ``pil
    events and counts the results of each task.
 3. with ``--restart`` (the default), the same job once more, and when half its tasks are done
    the gateway is killed (SIGKILL) and started again on the same state: the job must finish
-   with every result, each task's result reported once.
+   with every result, each task's result reported once. Its answers are given apart: those
+   made while a gateway was up, and those that overlapped the restart (from the kill until
+   the new gateway is up with its jobs resumed: ``restart_s``), which wait for it by nature.
 
 Targets: gateway and client each under 500 MB, the call returning within 10 s, the big job's
-rate at least 0.8x the reference rate, every answer under 100 ms, and after the restart no
-result lost or repeated. The table shows each figure and the target; everything goes to a JSON
-file.
+rate at least 0.8x the reference rate, every answer while a gateway is up under 100 ms, and
+after the restart no result lost or repeated. The table shows each figure and the target;
+everything goes to a JSON file.
 
     .venv/bin/python bench/million.py                    # 1,000,000 tasks, 2 workers
     .venv/bin/python bench/million.py --n 200000 --no-restart
@@ -54,7 +56,8 @@ class Sampler:
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
         self.peak = {"gateway": 0, "client": 0}
-        self.answers_ms: dict[str, list[float]] = {"status": [], "jobs": []}
+        # per call: (start, end) on perf_counter, so the restart's window can be told apart
+        self.answers: dict[str, list[tuple[float, float]]] = {"status": [], "jobs": []}
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._memory, daemon=True),
@@ -94,7 +97,7 @@ class Sampler:
                         for what, call in (("status", c.status), ("jobs", c.jobs)):
                             t0 = time.perf_counter()
                             call()
-                            self.answers_ms[what].append((time.perf_counter() - t0) * 1000)
+                            self.answers[what].append((t0, time.perf_counter()))
                         if self._stop.wait(0.5):
                             return
             except pilot.PilotError:
@@ -119,12 +122,15 @@ def big_job(cluster: Any, client: Any, n: int, restart: bool) -> dict[str, Any]:
         reader = threading.Thread(target=count_results, args=(job, n, counts), daemon=True)
         reader.start()
         restarted_at = None
+        down = (0.0, 0.0)  # from the kill until the new gateway is up (its jobs resumed)
         if restart:
             while job.progress[0] < n // 2:
                 time.sleep(0.05)  # polling the job's own counter; the bench is not a test
             restarted_at = job.progress[0]
+            killed = time.perf_counter()
             cluster.kill_gateway()
             cluster.start_gateway()
+            down = (killed, time.perf_counter())
         job.wait(3600)
         took = time.perf_counter() - t0
         reader.join(60)
@@ -137,7 +143,7 @@ def big_job(cluster: Any, client: Any, n: int, restart: bool) -> dict[str, Any]:
         "rate": n / took,
         "gateway_peak_mb": sampler.peak["gateway"] / MB,
         "client_peak_mb": sampler.peak["client"] / MB,
-        "answers_ms": {k: _answer_figures(v) for k, v in sampler.answers_ms.items()},
+        "answers_ms": {k: _answer_figures(v, down) for k, v in sampler.answers.items()},
         "results_lost": lost,
         "results_repeated": repeated,
         "results_ok": len(job.results) == n and lost == 0,
@@ -147,7 +153,20 @@ def big_job(cluster: Any, client: Any, n: int, restart: bool) -> dict[str, Any]:
     return out
 
 
-def _answer_figures(ms: list[float]) -> dict[str, float]:
+def _answer_figures(spans: list[tuple[float, float]], down: tuple[float, float]) -> dict:
+    """Median and worst answer times; with a restart, also apart: the answers that waited for
+    the killed gateway to come back (their call overlaps ``down``) and the others."""
+    out = _figures([(end - start) * 1000 for start, end in spans])
+    if down != (0.0, 0.0):
+        waited = [s for s in spans if s[0] < down[1] and s[1] > down[0]]
+        up = [s for s in spans if not (s[0] < down[1] and s[1] > down[0])]
+        out["gateway_up"] = _figures([(e - s) * 1000 for s, e in up])
+        out["across_restart"] = _figures([(e - s) * 1000 for s, e in waited])
+        out["restart_s"] = down[1] - down[0]
+    return out
+
+
+def _figures(ms: list[float]) -> dict[str, float]:
     if not ms:
         return {"n": 0}
     return {"n": len(ms), "median_ms": statistics.median(ms), "worst_ms": max(ms)}
@@ -189,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_row("restart: results lost", restarted["results_lost"], "0"))
         rows.append(_row("restart: results repeated", restarted["results_repeated"], "0"))
         rows.append(_row("restart: gateway peak RSS, MB", restarted["gateway_peak_mb"], "< 500"))
+        rows.append(_row("restart: client peak RSS, MB", restarted["client_peak_mb"], "< 500"))
         for what, fig in restarted["answers_ms"].items():
-            rows.append(_row(f"restart: {what}() worst ms", fig.get("worst_ms"), ""))
+            up, waited = fig["gateway_up"], fig["across_restart"]
+            rows.append(
+                _row(f"restart: {what}() worst ms, gateway up", up.get("worst_ms"), "< 100")
+            )
+            rows.append(
+                _row(f"restart: {what}() worst ms, across the restart", waited.get("worst_ms"), "")
+            )
+        rows.append(_row("restart: gateway down, s", fig["restart_s"], ""))
     print(f"\nA job of {args.n:,} no-op tasks on {args.workers} workers")
     print_table(rows, ["figure", "value", "target"])
     path = write_json(

@@ -101,3 +101,6 @@ def test_million_script_restarts_the_gateway_halfway_and_loses_nothing(tmp_path:
         assert run["gateway_peak_mb"] > 0 and run["client_peak_mb"] > 0
     assert data["restarted"]["restarted_at_done"] >= 2000
     assert data["clean"]["answers_ms"]["status"]["n"] > 0
+    answers = data["restarted"]["answers_ms"]["status"]  # told apart around the restart
+    assert answers["restart_s"] > 0
+    assert answers["gateway_up"]["n"] + answers["across_restart"]["n"] == answers["n"] > 0
