@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,14 +314,25 @@ class StateStore:
     def settled_tasks(self, job_id: str, known: bytes = b"") -> list[TaskDone]:
         """The settled tasks of ``job_id`` in index order, but those ``known`` marks (one byte
         per index, nonzero: the asker has it already; ``AttachJob.known``)."""
-        rows = self._db.execute(
+        sql = (
             "SELECT idx, status, value, value_ref, error, worker, attempts, duration_s, item "
-            "FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx",
-            (job_id,),
+            "FROM tasks WHERE job_id=? AND status IS NOT NULL"
         )
-        if known:
-            n = len(known)
-            rows = (r for r in rows if r[0] >= n or not known[r[0]])  # type: ignore[assignment]
+        rows: Iterable[tuple[Any, ...]] = self._db.execute(sql + " ORDER BY idx", (job_id,))
+        if known:  # the indices first (a restart's half a million rows: 0.2 s, not 1 s)
+            ids = self._db.execute(
+                "SELECT idx FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx",
+                (job_id,),
+            )
+            missed = [i for (i,) in ids if i >= len(known) or not known[i]]
+            rows = [
+                r
+                for k in range(0, len(missed), 500)
+                for r in self._db.execute(
+                    f"{sql} AND idx IN ({','.join('?' * len(missed[k : k + 500]))}) ORDER BY idx",
+                    (job_id, *missed[k : k + 500]),
+                )
+            ]
         return [
             TaskDone(
                 job_id,
