@@ -65,29 +65,21 @@ _GETTERS = {
 }
 
 
-def _enum_fields(cls: type) -> tuple[tuple[str, type[enum.IntEnum]], ...]:
-    """(name, enum class) of each field typed with an ``IntEnum`` (alone or ``| None``)."""
+def _enum_fields(cls: type) -> tuple[tuple[int, dict[int, enum.IntEnum]], ...]:
+    """(position, the enum's members by value) of each field typed with an ``IntEnum``."""
     # the names its module sees (``_messages``, or ``_monitoring`` that extends it)
     hints = typing.get_type_hints(cls, {**vars(_messages), **vars(sys.modules[cls.__module__])})
     out = []
-    for f in fields(cls):
+    for pos, f in enumerate(fields(cls)):
         hint = hints[f.name]
         if isinstance(hint, type) and issubclass(hint, enum.IntEnum):
-            out.append((f.name, hint))
+            out.append((pos, dict(hint._value2member_map_)))  # type: ignore[arg-type]
     return tuple(out)
 
 
 # Fields that travel as ints and are decoded back into their enum (an unknown value is a
-# malformed message): (position, the enum's members by value) for each such field.
-_ENUMS = {
-    cls: tuple(
-        (names.index(name), dict(enum_cls._value2member_map_))
-        for name, enum_cls in e
-        for names in ([f.name for f in fields(cls)],)
-    )
-    for cls in (*MESSAGE_TYPES, *RECORD_TYPES)
-    if (e := _enum_fields(cls))
-}
+# malformed message).
+_ENUMS = {cls: e for cls in (*MESSAGE_TYPES, *RECORD_TYPES) if (e := _enum_fields(cls))}
 
 
 def _construct(cls: type, values: tuple[Any, ...]) -> Any:

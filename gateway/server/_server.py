@@ -277,6 +277,7 @@ class Gateway:
         who = self.gate.sender(frames, ZAP_CLIENTS) if self.gate is not None else EVERYONE
         handle = self.clients.handle if who is not None else self.clients.removed
         size = sum(len(f) for f in frames)
+        self.counters["bytes_in"] += size  # to show what we relay
         if self._offloop.takes(frames[0].bytes, size):  # a big Submit, or one behind it
             self.counters["decoded_off_loop"] += size >= BIG_BYTES
             self._offloop.take(frames[0].bytes, frames, (handle, who))
@@ -289,6 +290,7 @@ class Gateway:
             return
         # The connection (its descriptor) each worker speaks on, for the socket monitor.
         self.workers.connections[frames[0].get(zmq.SRCFD)] = frames[0].bytes
+        self.counters["bytes_in"] += sum(len(f) for f in frames)
         self._receive(frames, self._worker_codec, self.workers.handle, self._send_worker_ident)
 
     def _from_monitor(self, frames: list[zmq.Frame]) -> None:
@@ -312,7 +314,6 @@ class Gateway:
         self, frames: list[zmq.Frame], decoded: Any, handle: Any, reply: Any, *who: Any
     ) -> None:
         ident = frames[0].bytes
-        self.counters["bytes_in"] += sum(len(f) for f in frames)  # to show what we relay
         if isinstance(decoded, Exception):
             self.counters["rejected"] += 1
             if isinstance(decoded, VersionMismatch):

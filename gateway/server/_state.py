@@ -318,21 +318,17 @@ class StateStore:
             "SELECT idx, status, value, value_ref, error, worker, attempts, duration_s, item "
             "FROM tasks WHERE job_id=? AND status IS NOT NULL"
         )
-        rows: Iterable[tuple[Any, ...]] = self._db.execute(sql + " ORDER BY idx", (job_id,))
-        if known:  # the indices first (a restart's half a million rows: 0.2 s, not 1 s)
-            ids = self._db.execute(
-                "SELECT idx FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx",
-                (job_id,),
-            )
+        if not known:
+            rows: Iterable[tuple[Any, ...]] = self._db.execute(sql + " ORDER BY idx", (job_id,))
+        else:  # the indices first (a restart's half a million rows: 0.2 s, not 1 s)
+            where = "FROM tasks WHERE job_id=? AND status IS NOT NULL ORDER BY idx"
+            ids = self._db.execute(f"SELECT idx {where}", (job_id,))
             missed = [i for (i,) in ids if i >= len(known) or not known[i]]
-            rows = [
-                r
-                for k in range(0, len(missed), 500)
-                for r in self._db.execute(
-                    f"{sql} AND idx IN ({','.join('?' * len(missed[k : k + 500]))}) ORDER BY idx",
-                    (job_id, *missed[k : k + 500]),
-                )
-            ]
+            rows = []
+            for k in range(0, len(missed), 500):  # 500 bound parameters a query
+                part = missed[k : k + 500]
+                sql_part = f"{sql} AND idx IN ({','.join('?' * len(part))}) ORDER BY idx"
+                rows += self._db.execute(sql_part, (job_id, *part))
         return [
             TaskDone(
                 job_id,
