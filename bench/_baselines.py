@@ -6,8 +6,10 @@ dict of figures (and raising :class:`WrongResult` if the answers are wrong):
 - ``noop_submits(n)``: submit ``n`` no-op tasks, then gather all results -> ``tasks_per_s``
 - ``map_items(n, chunk)``: map ``x + 1`` over ``n`` items, one task per ``chunk`` -> ``items_per_s``
 - ``round_trip(n)``: submit one no-op, wait for it, ``n`` times -> ``median_ms``, ``p90_ms``
-- ``big_arg(mb, repeats)``: one task whose argument is an ``mb`` MB numpy array
-  (returns only its size) -> ``median_gb_s`` (1 GB = 1e9 bytes)
+- ``big_arg(mb, repeats)``: one task whose argument is an ``mb`` MB numpy array, with new
+  content each repeat (returns only its size) -> ``median_gb_s`` (1 GB = 1e9 bytes); then
+  the last array again in ``REUSES`` tasks, one after the other -> ``reuse_ratio``, the median
+  time of those over the median time of a new one
 
 Backends:
 
@@ -51,6 +53,8 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     "round_trip": {"n": 200},
     "big_arg": {"mb": 100, "repeats": 5},
 }
+
+REUSES = 10  # tasks given the same big array again
 
 #: Small parameters for smoke tests.
 TINY_SIZES: dict[str, dict[str, int]] = {
@@ -253,13 +257,21 @@ class Backend:
         arr = np.arange(mb * 1_000_000 // 8, dtype=np.float64)
         expected = (int(arr.nbytes), float(arr[-1]))
         times = []
-        for _ in range(repeats):
+        for i in range(repeats):
+            arr[0] = -1.0 - i  # new content each time: nothing content-addressed may skip it
             t0 = time.perf_counter()
             result = self._run_one(nbytes_and_last, arr)
             times.append(time.perf_counter() - t0)
             if not isinstance(result, tuple | list) or tuple(result) != expected:
                 raise WrongResult(f"{self.name}: big arg returned {result!r}, not {expected}")
         med = statistics.median(times)
+        reused = []  # the last array again, 10 tasks one after the other: sent again or not?
+        for _ in range(REUSES):
+            t0 = time.perf_counter()
+            result = self._run_one(nbytes_and_last, arr)
+            reused.append(time.perf_counter() - t0)
+            if tuple(result) != expected:
+                raise WrongResult(f"{self.name}: big arg again returned {result!r}")
         return {
             "mb": mb,
             "repeats": repeats,
@@ -267,6 +279,10 @@ class Backend:
             "median_s": med,
             "median_gb_s": arr.nbytes / med / 1e9,
             "best_gb_s": arr.nbytes / min(times) / 1e9,
+            "worst_gb_s": arr.nbytes / max(times) / 1e9,
+            "reuse_median_s": statistics.median(reused),
+            "reuse_worst_s": max(reused),
+            "reuse_ratio": statistics.median(reused) / med,  # target: under 0.1
         }
 
     def run_all(self, sizes: dict[str, dict[str, int]] | None = None) -> dict[str, dict]:

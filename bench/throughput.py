@@ -7,9 +7,10 @@ Everything goes to a JSON file as well (``bench/results/throughput.json``; ``--o
 
 Workloads (see ``bench/_baselines.py``): 10,000 no-op ``submit``s then gather; ``map`` of
 ``x + 1`` over 100,000 items with chunk=1000; one task's round trip (median of 200); a 100 MB
-numpy argument to a task that returns its size; and the start-up time, from nothing to every
-worker ready (``pilot up`` / ``LocalCluster.__enter__`` for Parallel Pilot; ``start()`` of
-each baseline backend).
+numpy argument (new content each time) to a task that returns its size, then the same array
+again in 10 tasks (``reuse/new``: their median time over a new array's); and the start-up
+time, from nothing to every worker ready (``pilot up`` / ``LocalCluster.__enter__`` for
+Parallel Pilot; ``start()`` of each baseline backend).
 
     .venv/bin/python bench/throughput.py                 # full sizes, every installed backend
     .venv/bin/python bench/throughput.py --quick         # small sizes (a smoke run)
@@ -57,6 +58,7 @@ FIGURES: list[tuple[str, str, str, bool]] = [
     ("rt median ms", "round_trip", "median_ms", False),
     ("rt p90 ms", "round_trip", "p90_ms", False),
     ("big arg GB/s", "big_arg", "median_gb_s", True),
+    ("reuse/new", "big_arg", "reuse_ratio", False),
     ("startup s", "startup", "median_s", False),
 ]
 
@@ -66,6 +68,7 @@ TARGETS: list[tuple[str, float, bool]] = [
     ("map items/s", 300_000, True),
     ("rt median ms", 1.0, False),
     ("big arg GB/s", 1.0, True),
+    ("reuse/new", 0.1, False),  # issue 12: the same array again costs under a tenth
     ("startup s", 2.0, False),
 ]
 

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 import pilot
-from gateway.protocol import Codec, TaskDone
+from gateway.protocol import PROTOCOL_FRAME, Codec, TaskDone
 from gateway.protocol import _messages as m
 from tests_support import TEST_TIMEOUTS, wait_until
 
@@ -101,7 +101,7 @@ def test_gateway_keeps_serving_through_garbage(
         replayed = genuine.encode(m.JobsQuery())
         sock.send_multipart(forged)
         sock.send_multipart([b"garbage"])
-        sock.send_multipart([b"PILOT/1", b"sig", b"\xc1\xc1", b"body"])
+        sock.send_multipart([PROTOCOL_FRAME, b"sig", b"\xc1\xc1", b"body"])
         sock.send_multipart(replayed)
         sock.send_multipart(replayed)  # the second copy is a replay
         wrong_version = list(genuine.encode(m.Heartbeat()))
@@ -156,10 +156,10 @@ def test_client_facing_another_major_version_is_told_so() -> None:
     try:
         info = ConnectionInfo(f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port}", key)
 
-        def future_gateway() -> None:  # answers the hello in protocol 2
+        def future_gateway() -> None:  # answers the hello in protocol 3
             ident, *_ = router.recv_multipart()
             reply = list(Codec(key).encode(m.Refused("hello")))
-            reply[0] = b"PILOT/2"
+            reply[0] = b"PILOT/3"
             router.send_multipart([ident, *reply])
 
         t = threading.Thread(target=future_gateway)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from gateway.protocol import (
     PROTOCOL_FRAME,
+    VERSION,
     AuthenticationError,
     Codec,
     MessageTooLarge,
@@ -162,7 +163,7 @@ def test_stale_message_is_refused() -> None:
             "msg_type": "Heartbeat",
             "session": sender.session,
             "date": time.time() - 3600,
-            "version": "1.0",
+            "version": VERSION,
         }
     )
     body = msgpack.packb([0])
@@ -190,7 +191,7 @@ def test_truncated_is_refused() -> None:
 
 def test_other_major_version_gets_a_clear_refusal() -> None:
     frames = list(Codec(KEY).encode(m.Heartbeat()))
-    frames[0] = b"PILOT/2"
+    frames[0] = b"PILOT/1"  # the SHA-256 protocol before BLAKE3 digests
     with pytest.raises(VersionMismatch, match="same major version"):
         Codec(KEY).decode(frames)
 

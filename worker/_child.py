@@ -26,11 +26,10 @@ Task kinds (``Assignment.kind``):
   tuple of frames stored. The Blender to use is the worker's (``PILOT_BLENDER_PATH`` and
   ``PILOT_BLENDER_VERSION``, set by the worker: none when unset).
 
-Functions travel as blobs named by digest (``Assignment.fn_digest``). This process keeps the
-last ``FUNCTION_CACHE`` functions it loaded (unpickled), so a hot loop never unpickles twice;
-for one it lacks it asks its worker (``GetBlob``) and waits for the ``BlobReply``, up to
-``FUNCTION_WAIT_S``, keeping any other message that arrives meanwhile for after. A function it
-cannot get fails the task as UNPICKLABLE (it cannot be loaded here; a retry would not help).
+Functions and arguments' big buffers (``Payload.refs``) travel as blobs named by digest. This
+process keeps the last ``FUNCTION_CACHE`` functions it loaded and ``BUFFER_CACHE_BYTES`` of
+buffers; for one it lacks it asks its worker (``GetBlob``) and waits up to ``FUNCTION_WAIT_S``,
+keeping other messages for after. One it cannot get fails the task as UNPICKLABLE.
 """
 
 from __future__ import annotations
@@ -68,9 +67,11 @@ from gateway.protocol import (
     readable,
     recv_frames,
     send_frames,
+    with_buffers,
 )
 from gateway.protocol import TaskStatus as S
 from worker._blender import BlenderInfo
+from worker._blobcache import BlobCache
 from worker._capture import OUTPUT_BUDGET_BYTES, Capture
 from worker._control import Control
 from worker._display import install_display_on_import
@@ -79,6 +80,7 @@ from worker._render_task import render_task
 from worker._taskdata import TaskFiles
 
 FUNCTION_CACHE = 64  # functions kept loaded, by digest
+BUFFER_CACHE_BYTES = 512 * 2**20  # arguments' big buffers kept (read-only), by key
 # A function asked of the worker: longer than the worker's own fetch from the gateway
 # (``worker._fetch.BLOB_FETCH_BASE_S``), whose clearer error should come first.
 FUNCTION_WAIT_S = 90.0
@@ -124,6 +126,7 @@ class _TaskProcess:
         self._ppid = os.getppid()
         self.capture = Capture(self._emit, self._emit_results, budget_bytes=budget)
         self._fns: OrderedDict[str, Any] = OrderedDict()
+        self._buffers = BlobCache(BUFFER_CACHE_BYTES)
         self._inbox: deque[Any] = deque()  # what came while a function was awaited
         self._files = TaskFiles(files[0], files[1], self._put_blob)
         self._blender = blender  # render tasks: the worker's Blender, or None
@@ -231,7 +234,7 @@ class _TaskProcess:
             return self._render(a, seq, t0)
         try:
             fn = self._function(a.fn_digest)
-            args = loads(a.args)
+            args = loads(with_buffers(a.args, self._buffer))
         except _FunctionUnavailable as exc:
             return self._fail(a, S.UNPICKLABLE, str(exc), t0, show_tb=False)
         except Exception:
@@ -322,7 +325,13 @@ class _TaskProcess:
             self._fns.popitem(last=False)
         return found
 
-    def _fetch(self, digest: str) -> Payload:
+    def _buffer(self, key: str) -> Any:
+        """An argument's buffer that travelled as a blob: kept here, or asked of the worker."""
+        if (found := self._buffers.get(key)) is None:
+            self._buffers.put(key, found := self._fetch(key, "argument's buffer"))
+        return found.data
+
+    def _fetch(self, digest: str, what: str = "function") -> Payload:
         """Ask the worker for a function's blob and wait for it, up to ``FUNCTION_WAIT_S``.
         Other messages that arrive meanwhile are kept for ``_next``."""
         self._send(GetBlob(digest))
@@ -331,7 +340,7 @@ class _TaskProcess:
             frames = self._recv(max(0.0, deadline - time.monotonic()))
             if frames is None:
                 raise _FunctionUnavailable(
-                    f"The worker did not send the task's function (blob {digest[:12]}) within "
+                    f"The worker did not send the task's {what} (blob {digest[:12]}) within "
                     f"{FUNCTION_WAIT_S:.0f}s."
                 )
             msg = self._codec.decode(frames).msg
@@ -340,7 +349,7 @@ class _TaskProcess:
                     if ok and data is not None:
                         return data
                     raise _FunctionUnavailable(
-                        f"The task's function (blob {digest[:12]}) is not on this worker and "
+                        f"The task's {what} (blob {digest[:12]}) is not on this worker and "
                         f"could not be had from the gateway: {error}"
                     )
                 case BlobReply():  # the late answer to an earlier wait that gave up

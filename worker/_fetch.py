@@ -153,16 +153,18 @@ class TaskHolds:
     def admit(self, task: Assignment) -> bool:
         """True if ``task`` can run now; else it is held, and released or failed later."""
         # A render task runs no function of the user's: its digest is "".
-        digest = task.fn_digest
-        function = None if not digest or self._fetcher.has_function(digest) else digest
+        # Its arguments' big buffers (``Payload.refs``) are blobs too, held like a function.
+        has = self._fetcher.has_function
+        blobs = {task.fn_digest} if task.fn_digest else set()
+        blobs = {d for d in blobs.union(k for _, k in task.args.refs) if not has(d)}
         files = missing(task.data, self._files_dir)
-        if function is None and not files:
+        if not blobs and not files:
             return True
         key = (task.job_id, task.index, task.attempt)
-        need = {f.digest for f in files} | ({function} if function else set())
+        need = {f.digest for f in files} | blobs
         self._waiting[key] = (task, need)
-        if function is not None:
-            self._fetcher.function(function, lambda reply: self._got(key, reply, True))
+        for digest in blobs:
+            self._fetcher.function(digest, lambda reply: self._got(key, reply, True))
         for f in files:
             self._fetcher.file(f, lambda reply: self._got(key, reply, False))
         return False
@@ -175,8 +177,9 @@ class TaskHolds:
         if not reply.ok:
             del self._waiting[key]
             if function:  # the task cannot be loaded here, and a retry would not help
+                what = "function" if reply.digest == task.fn_digest else "argument's buffer"
                 text = (
-                    f"The task's function (blob {reply.digest[:12]}) could not be had from the "
+                    f"The task's {what} (blob {reply.digest[:12]}) could not be had from the "
                     f"gateway: {reply.error}"
                 )
                 self._fail(task, TaskStatus.UNPICKLABLE, text)

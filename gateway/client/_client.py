@@ -36,6 +36,7 @@ from gateway.protocol import (
     Heartbeat,
     InputReply,
     InterruptTask,
+    JobKind,
     JobSpec,
     JobsQuery,
     JobsReply,
@@ -61,6 +62,7 @@ from gateway.protocol import (
     Timeouts,
     VersionMismatch,
     Welcome,
+    by_content,
     curve_client,
     error_for,
     send_frames,
@@ -201,15 +203,18 @@ class AsyncClient:
         batch, self._outbox = self._outbox, []
         fresh = not any(spec.job_id in self._unacked for spec, _ in batch)  # none re-sent
         blobs: dict[str, Blob] = {}
+        tasks = []
         for spec, args in batch:
             self._unacked[spec.job_id] = (spec, args)
             digest = spec.fn_digest
             if digest and digest not in self._blobs_sent and digest not in blobs:
                 blobs[digest] = Blob(digest, self._functions[digest])
+            if spec.kind in (JobKind.CALL, JobKind.MAP):  # a task process loads the args
+                args = by_content(args, self._blobs_sent, blobs)
+            tasks.append(args)
         self._blobs_sent.update(blobs)
         specs = tuple(spec for spec, _ in batch)
-        tasks = tuple(args for _, args in batch)
-        self._send(Submit(specs, tasks, fresh, tuple(blobs.values())))
+        self._send(Submit(specs, tuple(tasks), fresh, tuple(blobs.values())))
 
     def send(self, msg: RunCell | InputReply | InterruptTask) -> None:
         """A message for a running task (a remote session's cell, an ``input()`` reply, an

@@ -140,10 +140,13 @@ from gateway.protocol._policy import (
     SchedulingPolicy,
 )
 from gateway.protocol._serialize import (
+    by_content,
     digest_of,
     dumps,
     dumps_function,
     loads,
+    split_big_buffers,
+    with_buffers,
 )
 from gateway.protocol._settings import (
     ConnectionInfo,
@@ -273,6 +276,7 @@ __all__ = [
     "WorkerSettings",
     "WorkerStats",
     "build_job_data",
+    "by_content",
     "curve_client",
     "curve_server",
     "default_home",
@@ -291,6 +295,8 @@ __all__ = [
     "resolve",
     "send_frames",
     "shard",
+    "split_big_buffers",
     "task_keys",
     "unpack_record",
+    "with_buffers",
 ]

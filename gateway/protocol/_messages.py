@@ -150,15 +150,15 @@ class OutputKind(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Payload:
-    """Opaque pickled bytes plus out-of-band buffers (pickle protocol 5).
-
-    ``digests`` caches each buffer's SHA-256 once the codec has computed or verified it, so a
-    payload that is only forwarded (gateway to worker) is never hashed twice.
-    """
+    """Opaque pickled bytes plus out-of-band buffers (pickle protocol 5). ``digests``: each
+    frame's BLAKE3 digest once the codec has computed or verified it (a payload only forwarded
+    is never hashed twice). ``refs``: (position, blob key) of buffers that travel as blobs
+    (``split_big_buffers``), put back in place by ``with_buffers`` before loading."""
 
     data: bytes | memoryview
     buffers: tuple[Any, ...] = ()
     digests: tuple[bytes, ...] | None = None
+    refs: tuple[tuple[int, str], ...] = ()
 
     @property
     def nbytes(self) -> int:

@@ -9,10 +9,11 @@ A message on the wire is the multipart::
 and ``Payload``s as msgpack extension types; ``buffers`` hold payload bytes too large to inline.
 
 The signature is HMAC-SHA256 (key from the connection file) over the header, the body and the
-SHA-256 of every buffer, in order. ``Codec.decode`` checks size, protocol frame, signature
-(``hmac.compare_digest``), replay (per-session increasing sequence numbers and a date window)
-and version **before** it decodes a byte of the body. Buffer digests are kept on the decoded
-``Payload`` so that forwarding it (gateway to worker) does not hash it again.
+BLAKE3 digest of every buffer, in order (``frame_digest``). ``Codec.decode`` checks size,
+protocol frame, signature (``hmac.compare_digest``), replay (per-session increasing sequence
+numbers and a date window) and version **before** it decodes a byte of the body. Buffer digests
+are kept on the decoded ``Payload`` so that forwarding it (gateway to worker) does not hash it
+again.
 
 A ``Codec`` with ``key=None`` neither signs nor verifies: it is for the worker's private IPC
 channel to its own task processes.
@@ -36,6 +37,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from gateway.protocol import _messages
+from gateway.protocol._digest import frame_digest
 from gateway.protocol._errors import (
     AuthenticationError,
     MessageTooLarge,
@@ -44,10 +46,17 @@ from gateway.protocol._errors import (
 )
 from gateway.protocol._messages import MESSAGE_TYPES, RECORD_TYPES, Payload
 
-__all__ = ["PROTOCOL_FRAME", "VERSION", "Codec", "Envelope", "pack_record", "unpack_record"]
+__all__ = [
+    "PROTOCOL_FRAME",
+    "VERSION",
+    "Codec",
+    "Envelope",
+    "pack_record",
+    "unpack_record",
+]
 
-PROTOCOL_MAJOR = 1
-VERSION = "1.0"
+PROTOCOL_MAJOR = 2  # 2: buffer digests are BLAKE3 (1 had SHA-256)
+VERSION = "2.0"
 PROTOCOL_FRAME = f"PILOT/{PROTOCOL_MAJOR}".encode()
 INLINE_MAX_BYTES = 64 * 1024  # payload data larger than this travels as its own frame
 
@@ -209,10 +218,11 @@ class Codec:
         if known is not None and len(known) == len(out):
             self._digests.extend(known)
         elif self._key is not None:
-            self._digests.extend(hashlib.sha256(b).digest() for b in out)
+            self._digests.extend(frame_digest(b) for b in out)
         start = len(self._frames)
         self._frames.extend(out)
-        return msgpack.ExtType(_EXT_PAYLOAD, self._pack((inline, start, len(out))))
+        head = (inline, start, len(out), p.refs) if p.refs else (inline, start, len(out))
+        return msgpack.ExtType(_EXT_PAYLOAD, self._pack(head))
 
     def _sign(self, header: Any, body: Any, digests: Sequence[bytes]) -> bytes:
         if self._inner is None or self._outer is None:
@@ -262,7 +272,7 @@ class Codec:
             raise ProtocolError("Not a Parallel Pilot message (bad protocol frame).")
         digests: tuple[bytes, ...] = ()
         if self._key is not None:
-            digests = tuple(hashlib.sha256(b).digest() for b in buffers)
+            digests = tuple(frame_digest(b) for b in buffers)
             expected = self._sign(header, body, digests)
             if not hmac.compare_digest(expected, bytes(signature)):
                 raise AuthenticationError("Bad signature: the sender does not have our key.")
@@ -326,18 +336,29 @@ class Codec:
             values = msgpack.unpackb(data, ext_hook=self._ext, use_list=False, raw=False)
             return _construct(RECORD_TYPES[values[0]], values[1:])
         if code == _EXT_PAYLOAD:
-            inline, start, count = msgpack.unpackb(data, use_list=False, raw=False)
+            inline, start, count, *more = msgpack.unpackb(data, use_list=False, raw=False)
             buffers = self._buffers
             if start < 0 or start + count > len(buffers):
                 raise ProtocolError("Payload refers to missing frames.")
             parts = buffers[start : start + count]
             known = self._known[start : start + count] if self._known else None
+            refs = _refs(more[0]) if more else ()
             if inline is None:
                 if not parts:
                     raise ProtocolError("Payload without data.")
-                return Payload(parts[0], tuple(parts[1:]), known)
-            return Payload(inline, tuple(parts), known)
+                return Payload(parts[0], tuple(parts[1:]), known, refs)
+            return Payload(inline, tuple(parts), known, refs)
         raise ProtocolError(f"Unknown extension type {code}.")
+
+
+def _refs(value: Any) -> tuple[tuple[int, str], ...]:
+    """A payload's blob references, checked: (position, key) pairs in increasing positions."""
+    refs = tuple((pos, key) for pos, key in value)
+    if any(type(p) is not int or type(k) is not str or p < 0 for p, k in refs) or any(
+        a[0] >= b[0] for a, b in itertools.pairwise(refs)
+    ):
+        raise ProtocolError("Malformed buffer references in a payload.")
+    return refs
 
 
 _RECORDS = None  # the unsigned codec that packs records for storage, made on first use

@@ -78,6 +78,7 @@ __all__ = ["ClientHandler"]
 log = logging.getLogger("pilot.gateway")
 
 ANYONE = Principal(ADMIN, admin=True)
+REMEMBERED_BLOB_BYTES = 1 << 20  # bigger blobs are read from the store when a worker asks
 
 
 class ClientHandler:
@@ -192,12 +193,9 @@ class ClientHandler:
             return BlobReply(msg_id, msg.digest, False, error=f"no blob {msg.digest} here")
 
     def _put_blob(self, digest: str, data: Payload) -> tuple[bool, str]:
-        blobs = self._store.blobs
-        stored = blobs.put(data)
-        if stored != digest:
-            blobs.path(stored).unlink(missing_ok=True)
-            return False, "content does not match digest"
-        return True, ""
+        if self._store.blobs.put_checked(digest, data):
+            return True, ""
+        return False, "content does not match digest"
 
     def _mine(self, ident: bytes, msg_id: str, job_id: str, who: Principal) -> bool:
         """Whether ``who`` may see job ``job_id`` (theirs, or they are the admin, or there is
@@ -233,7 +231,8 @@ class ClientHandler:
             if not ok:
                 self._outbox.client(ident, ErrorReply(msg_id, error, ErrorCode.BAD_REQUEST))
                 return
-            self._executor.remember(blob)
+            if blob.data.nbytes <= REMEMBERED_BLOB_BYTES:  # a function, not an argument's array
+                self._executor.remember(blob)
         now = time.monotonic()
         stored: set[str] = set()
         if not msg.fresh:  # it may be a re-sent submit: look for its jobs in the store

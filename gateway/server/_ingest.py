@@ -81,4 +81,3 @@ class Ingest:
         else:
             del self._jobs[job.spec.job_id]
             self._record(job.ident, job.spec, job.args, job.user, job.cancelled)
-
