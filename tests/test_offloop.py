@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import zmq
 
 from gateway.client import Client
 from gateway.protocol import (
     AuthenticationError,
+    Blob,
     Codec,
     Envelope,
     GatewaySettings,
     Output,
     OutputKind,
     Outputs,
+    Submit,
+    dumps,
     new_key,
+    split_big_buffers,
 )
+from gateway.protocol._digest import frame_digest
+from gateway.server._blobs import BlobStore, write_ahead
 from gateway.server._offloop import BIG_BYTES, OffLoopDecoder
 from tests_support import TEST_TIMEOUTS, ThreadGateway, thread_gateway_with_a_worker
 
@@ -124,6 +132,58 @@ def test_closing_while_a_big_message_is_decoded_hands_nothing_over() -> None:
         return seen.items
 
     assert asyncio.run(run()) == []
+
+
+def test_the_thread_writes_a_submits_blobs_ahead_and_a_failed_write_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    split, (blob,) = split_big_buffers(dumps(np.random.default_rng(0).random(BIG_BYTES // 8)))
+    forged = Blob(frame_digest(b"other").hex(), blob.data)
+    sender = Codec(KEY)
+
+    async def run(prepare: Any, *msgs: Submit) -> list[Any]:
+        got: list[Any] = []
+        done = asyncio.Event()
+
+        def handled(frames: Any, who: Any, decoded: Any) -> None:
+            got.append((threading.current_thread().name, decoded))
+            if len(got) == len(msgs):
+                done.set()
+
+        decoder = OffLoopDecoder(
+            Codec(KEY),
+            handled,
+            lambda *a: None,
+            lambda fn: asyncio.get_running_loop().call_soon(fn),
+            prepare,
+        )
+        try:
+            for msg in msgs:
+                decoder.take(b"A", [zmq.Frame(b"A"), *map(zmq.Frame, sender.encode(msg))], None)
+            await asyncio.wait_for(done.wait(), DEADLINE_S)
+            return got
+        finally:
+            decoder.close()
+
+    writers: list[str] = []
+
+    def prepare(msg: Any) -> None:
+        writers.append(threading.current_thread().name)
+        write_ahead(blobs, msg)
+
+    (_, env), _ = asyncio.run(
+        run(prepare, Submit((), ((split,),), True, (blob,)), Submit((), (), True, (forged,)))
+    )
+    assert isinstance(env, Envelope) and writers[0].startswith("pilot-decode")
+    assert bytes(blobs.get(blob.digest).data) == bytes(blob.data.data), "written on the thread"
+    assert not blobs.path(forged.digest).exists(), "a blob not keyed by its content is not"
+
+    def failing(msg: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    ((_, env),) = asyncio.run(run(failing, Submit((), ((split,),), True, (blob,))))
+    assert isinstance(env, Envelope) and env.msg.blobs[0].digest == blob.digest, "handed over"
 
 
 # -- through a gateway ------------------------------------------------------------------------

@@ -11,14 +11,15 @@ import hashlib
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from gateway.protocol import Payload
+from gateway.protocol import Payload, Submit
 
-__all__ = ["BlobStore", "known_key", "pack_payload", "unpack_payload"]
+__all__ = ["BlobStore", "known_key", "pack_payload", "unpack_payload", "write_ahead"]
 
 _LEN = struct.Struct("<I")
 
@@ -67,7 +68,7 @@ class BlobStore:
         path.parent.mkdir(exist_ok=True)
         sizes = [part.nbytes for part in parts]
         head = msgpack.packb([sizes, [list(r) for r in p.refs]] if p.refs else sizes)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")  # two may write
         with open(tmp, "wb") as fh:
             fh.write(_LEN.pack(len(head)))
             fh.write(head)
@@ -108,6 +109,14 @@ class BlobStore:
 
     def path(self, digest: str) -> Path:
         return self._path(digest)
+
+
+def write_ahead(blobs: BlobStore, msg: Any) -> None:
+    """Store a ``Submit``'s blobs (on the thread that decoded it: ``_offloop``). The loop checks
+    them again when it handles the message, and finds them stored."""
+    if isinstance(msg, Submit):
+        for blob in msg.blobs:
+            blobs.put_checked(blob.digest, blob.data)
 
 
 def known_key(p: Payload) -> str | None:

@@ -60,7 +60,7 @@ from gateway.protocol import (
 )
 from gateway.server import _scheduler as sch
 from gateway.server._auth import Gatekeeper
-from gateway.server._blobs import BlobStore
+from gateway.server._blobs import BlobStore, write_ahead
 from gateway.server._clientside import ClientHandler
 from gateway.server._instructions import Executor
 from gateway.server._monitor import Monitor
@@ -122,6 +122,7 @@ class Gateway:
                 frames, self._client_codec, hw[0], self._send_client, hw[1]
             ),
             self._turn_later,
+            lambda msg: write_ahead(self.store.blobs, msg),
         )
 
     # -- lifecycle --------------------------------------------------------------------------
