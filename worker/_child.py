@@ -75,7 +75,7 @@ from worker._blobcache import BlobCache
 from worker._capture import OUTPUT_BUDGET_BYTES, Capture
 from worker._control import Control
 from worker._display import install_display_on_import
-from worker._orphan import die_with_parent
+from worker._orphan import die_with_parent, parent_gone
 from worker._render_task import render_task
 from worker._taskdata import TaskFiles
 
@@ -123,7 +123,6 @@ class _TaskProcess:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._control = Control(control)
-        self._ppid = os.getppid()
         self.capture = Capture(self._emit, self._emit_results, budget_bytes=budget)
         self._fns: OrderedDict[str, Any] = OrderedDict()
         self._buffers = BlobCache(BUFFER_CACHE_BYTES)
@@ -172,7 +171,7 @@ class _TaskProcess:
                             break
                     except BlockingIOError:
                         break
-            if not ready and os.getppid() != self._ppid:
+            if not ready and parent_gone():
                 os._exit(0)  # the worker is gone: nobody will ever send us a task
 
     def _put_blob(self, digest: str, payload: Payload) -> None:

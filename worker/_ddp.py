@@ -36,6 +36,8 @@ from pathlib import Path
 
 import psutil
 
+from worker._orphan import parent
+
 __all__ = [
     "DEFAULT_INIT_TIMEOUT_S",
     "KILL_DEADLINE_S",
@@ -254,7 +256,7 @@ def spawn_rank(
         env["PILOT_CHECKPOINT_URL"] = checkpoint_url
     return subprocess.Popen(  # type: ignore[call-overload]
         rank_argv(call_path, result_path, store_fd=store_fd),
-        env=env,
+        env=parent(env),
         pass_fds=tuple(pass_fds),
         start_new_session=True,
         close_fds=True,

@@ -15,20 +15,28 @@ import signal
 import sys
 from collections.abc import Callable
 
-__all__ = ["die_with_parent", "kill_with_this_thread", "parent_gone"]
+__all__ = ["PARENT_PID_ENV", "die_with_parent", "kill_with_this_thread", "parent", "parent_gone"]
 
 _PR_SET_PDEATHSIG = 1
-_parent = os.getppid()
+# The spawner's pid, set in the child's environment (``parent``): a child whose worker died while
+# it was still starting has been re-parented already, and its own ``getppid()`` would not say so.
+PARENT_PID_ENV = "PILOT_PARENT_PID"
+_parent = int(os.environ.get(PARENT_PID_ENV) or os.getppid())
+
+
+def parent(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child this process starts, naming this process as its parent."""
+    return {**env, PARENT_PID_ENV: str(os.getpid())}
 
 
 def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent exits (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != _parent:  # the parent died before we asked
+    """Ask the kernel to SIGKILL this process when its parent exits (Linux only); exit now if
+    it has exited already."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if parent_gone():  # the parent died before we asked
         os._exit(1)
 
 

@@ -31,6 +31,7 @@ import zmq
 
 from gateway.protocol import Assignment, Codec, Drain, Goodbye, send_frames
 from worker._control import Control
+from worker._orphan import parent
 
 __all__ = ["Child", "TaskPool"]
 
@@ -129,7 +130,7 @@ class TaskPool:
                 ident.decode(),
                 str(control.path),
                 stdin=asyncio.subprocess.DEVNULL,
-                env=self._env,
+                env=parent(self._env),
                 start_new_session=True,  # a Ctrl-C at the terminal is the worker's to handle
             )
         except BaseException:

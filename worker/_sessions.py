@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from gateway.protocol import (
     TaskResults,
     TaskStatus,
 )
+from worker._orphan import parent
 
 __all__ = ["SessionHost"]
 
@@ -82,6 +84,7 @@ class SessionHost:
             self._url,
             ident.decode(),
             stdin=asyncio.subprocess.DEVNULL,
+            env=parent(dict(os.environ)),
             start_new_session=True,
         )
         session = _Session(ident, task, proc)
