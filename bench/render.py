@@ -10,7 +10,10 @@ one thread of an idle core, denoising off) is rendered in each repeat (``--repea
     the first repeat; its start-up is not timed), ``client.render(scene, "1-48", chunk=24,
     cpus=1)``: each chunk is one Blender with one thread. Timed from the call to the job's
     final ``JobUpdate``; the scene is shipped (by content hash) in the first repeat only, as
-    it would be for a user rendering the same scene again.
+    it would be for a user rendering the same scene again. Likewise a task process that has
+    rendered keeps a spare Blender started for its next chunk (``worker._blender_spare``): the
+    first repeat starts its Blenders (``cold``), later ones find them started (``warm``), and
+    the summary gives the speed-up of each kind apart.
 
 The frames of (b) are then fetched and compared with (a)'s pixel for pixel (at most 1/255 per
 channel); a difference ends the run with exit code 1 (a fast but wrong render must not count).
@@ -67,6 +70,7 @@ Needs ``blender`` on PATH (or ``--blender``); JSON goes to ``bench/results/rende
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import platform
@@ -282,6 +286,16 @@ class ClusterCpu:
                 snap[p.pid] = (t.user + t.system, t.children_user + t.children_system)
         return snap
 
+    def spares(self) -> int:
+        """Idle spare Blenders of the task processes (``worker._blender_spare``: they wait in
+        ``/``, and move to their chunk's directory once they have one)."""
+        found = 0
+        for root in (p for p in self._cluster.workers if p is not None):
+            with contextlib.suppress(psutil.Error):
+                for p in psutil.Process(root.pid).children(recursive=True):
+                    found += p.name() == "blender" and p.cwd() == "/"
+        return found
+
     @staticmethod
     def since(
         before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]
@@ -305,6 +319,7 @@ def system_run(
 ) -> tuple[dict[str, Any], pilot.Job]:
     """``client.render`` on the cluster, followed live; its figures (see the docstring)."""
     arrived_ns: dict[int, int] = {}
+    spares = cpu.spares()
     cpu_before = cpu.take()
     t0 = time.perf_counter()
     job = client.render(scene, frames=f"1-{frames}", chunk=chunk, cpus=1, name="bench")
@@ -333,6 +348,7 @@ def system_run(
     return {
         "job": job.id,
         "wall_s": wall,
+        "spares_ready": spares,  # idle spare Blenders when the job was submitted
         "chunks": len(job.tasks),
         "chunk_frames": job.chunk,
         "workers_used": len({d.worker for d in job.tasks.values()}),
@@ -402,6 +418,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     system = [r["system"] for r in runs]
     figures: list[tuple[str, list[Any], bool, float | None]] = [
         ("speed-up", [r["speedup"] for r in runs], True, SPEEDUP_TARGET),
+        ("speed-up, cold", [r["speedup"] for r in runs if not cold_or_warm(r)], True, None),
+        ("speed-up, warm", [r["speedup"] for r in runs if cold_or_warm(r)], True, None),
         ("plain s", [p["wall_s"] for p in plain], False, None),
         ("system s", [x["wall_s"] for x in system], False, None),
         ("chunk overhead s", [x["median_chunk_overhead_s"] for x in system], False, None),
@@ -432,6 +450,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def cold_or_warm(run: dict[str, Any]) -> bool:
+    """Whether every chunk of the run's system render had a spare Blender waiting (warm), or
+    some started Blender (cold: the first run, on task processes that had not rendered)."""
+    return run["system"]["spares_ready"] >= run["system"]["chunks"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             "system s": r["system"]["wall_s"],
             "speed-up": r["speedup"],
             "chunks": r["system"]["chunks"],
+            "blender": "warm" if cold_or_warm(r) else "cold",
             "overhead s": r["system"]["median_chunk_overhead_s"],
             "fixed s": r["plain"]["fixed_s"],
             "frame ms a/b": f"{r['plain']['median_frame_ms']:.0f}/"

@@ -42,6 +42,7 @@ from worker._blender import (
     frame_path,
     probe_blender,
 )
+from worker._blender_spare import SpareBlender
 
 BLENDER = shutil.which("blender")
 needs_blender = pytest.mark.skipif(
@@ -537,3 +538,67 @@ def test_a_filmstrip_is_a_png_of_evenly_chosen_thumbnails(tmp_path: Path) -> Non
     with Image.open(io.BytesIO(filmstrip(frames, max_frames=5, thumb_height=16))) as strip:
         assert strip.format == "PNG" and strip.height == 16
         assert strip.width == 5 * 32 + 4 * 2  # five 32-px thumbnails, four 2-px gaps
+
+
+# -- a spare Blender, started before its chunk ----------------------------------------------------
+
+
+@needs_blender
+def test_a_spare_blender_renders_the_frames_a_cold_one_does(
+    blender: BlenderInfo, scene: Path, tmp_path: Path
+) -> None:
+    frames = [1, 24]
+    cold = ChunkProcess(blender, scene, frames, tmp_path / "cold").run()
+    spare = SpareBlender(blender.path)
+    warm = ChunkProcess(blender, scene, frames, tmp_path / "warm").run(spare=spare)
+
+    assert cold.ok and warm.ok, (cold.failure, warm.failure)
+    assert (cold.warm, warm.warm) == (False, True)
+    assert spare.proc.poll() is not None, "a spare serves one chunk and is gone with it"
+    for a, b in zip(cold.frames, warm.frames, strict=True):
+        assert a.frame == b.frame
+        assert np.abs(pixels(a.path) - pixels(b.path)).max() <= 1, f"frame {a.frame} differs"
+
+
+@needs_blender
+def test_a_spare_not_taken_in_time_exits_and_a_gone_one_is_passed_over(
+    blender: BlenderInfo, scene: Path, tmp_path: Path
+) -> None:
+    idle = SpareBlender(blender.path, idle_s=0.2)
+    assert idle.proc.wait(timeout=RUN_TIMEOUT_S) == 0, "it exits by itself, quietly"
+
+    result = ChunkProcess(blender, scene, [3], tmp_path / "out").run(spare=idle)
+    assert result.ok and not result.warm, "a cold Blender rendered it instead"
+    assert [e.frame for e in result.frames] == [3]
+
+
+@needs_blender
+def test_a_spare_given_an_unreadable_scene_says_scene_missing(
+    blender: BlenderInfo, scene: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.blend"
+    broken.write_bytes(scene.read_bytes()[:5000])
+
+    result = ChunkProcess(blender, broken, [1], tmp_path / "out").run(
+        spare=SpareBlender(blender.path)
+    )
+
+    assert result.warm and result.failure is not None
+    assert result.failure.kind is FailureKind.SCENE_MISSING
+    assert "broken.blend" in result.failure.message
+
+
+@needs_blender
+def test_cancel_kills_a_spare_blender_mid_chunk(
+    blender: BlenderInfo, scene: Path, tmp_path: Path
+) -> None:
+    options = RenderOptions(body=held_body(2, tmp_path / "never"))
+    chunk = ChunkProcess(blender, scene, [1, 2], tmp_path / "out", options)
+    spare = SpareBlender(blender.path)
+    first_frame = threading.Event()
+    thread, box = run_in_thread(chunk, on_frame=lambda _: first_frame.set(), spare=spare)
+    assert first_frame.wait(RUN_TIMEOUT_S), "the spare saved no frame"
+    chunk.cancel()
+    thread.join(RUN_TIMEOUT_S)
+    assert box and box[0].cancelled and box[0].warm
+    assert not group_members(spare.proc.pid), "nothing of the spare's group is left"

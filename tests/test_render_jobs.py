@@ -11,6 +11,7 @@ an event or polls under a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -67,12 +68,28 @@ bpy.app.handlers.frame_change_pre.append(hold)
 
 
 def blenders(home: Path) -> list[psutil.Process]:
-    """The Blender processes rendering for the cluster whose files are under ``home``."""
+    """The Blender processes rendering for the cluster whose files are under ``home``: a cold
+    one names its scene there; a spare (``worker._blender_spare``) waits in ``/`` and moves
+    into its chunk's directory there once it has a chunk."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if cmd and os.path.basename(cmd[0]) == "blender" and any(str(home) in a for a in cmd):
-            found.append(proc)
+        if not cmd or os.path.basename(cmd[0]) != "blender":
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(str(home) in a for a in cmd) or proc.cwd().startswith(str(home)):
+                found.append(proc)
+    return found
+
+
+def spares(cluster: pilot.LocalCluster) -> list[psutil.Process]:
+    """The idle spare Blenders of the cluster's task processes."""
+    found = []
+    for worker in cluster.workers:
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(worker.pid).children(recursive=True):
+                if proc.name() == "blender" and proc.cwd() == "/":
+                    found.append(proc)
     return found
 
 
@@ -246,6 +263,22 @@ def test_without_a_worker_that_has_blender_the_job_fails_saying_how_to_add_one(
         )
         assert done.returncode == 1
         assert f"Blender not found at {str(bad)!r} (from --blender)" in done.stderr
+
+
+def test_a_task_process_that_rendered_keeps_a_blender_ready_for_its_next_chunk(
+    cluster: pilot.LocalCluster, client: pilot.Client, scene: Path
+) -> None:
+    first = client.render(scene, frames="1-2", chunk=1)
+    assert first.wait(RENDER_TIMEOUT_S).state == Status.DONE, first.error
+    wait_until(lambda: spares(cluster), RENDER_TIMEOUT_S, "a spare Blender")
+    ready = {p.pid for p in spares(cluster)}
+
+    second = client.render(scene, frames="5-6", chunk=1)
+    assert second.wait(RENDER_TIMEOUT_S).state == Status.DONE, second.error
+    assert sorted(second.render.done) == [5, 6]
+    # A spare renders one chunk and ends with it; the idle ones stay until they time out.
+    wait_until(lambda: not ready <= {p.pid for p in spares(cluster)}, 30, "a spare to be used")
+    assert spares(cluster), "the task process that used it started the next"
 
 
 # -- cancel and deaths: no Blender left behind ------------------------------------------------

@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from worker._blender_failures import (
     OUTPUT_TAIL_LINES,
@@ -123,6 +124,7 @@ class ChunkResult:
     returncode: int | None  # None when Blender was not started
     elapsed_s: float  # wall time of Blender's process
     warnings: tuple[str, ...] = ()  # the driver's PILOT_WARNING lines
+    warm: bool = False  # rendered by a spare Blender, started before the chunk
 
     @property
     def ok(self) -> bool:
@@ -248,18 +250,24 @@ class ChunkProcess:
         self._cancelled = False
         self._ran = False
 
-    def command(self) -> list[str]:
-        """Blender's command line; ``--factory-startup`` ignores the user's preferences and
-        startup scripts (reproducible frames) but not the scene's own settings."""
+    def config(self, scene: bool = False) -> str:
+        """The driver's config (one JSON line); with the scene's path for a spare to open."""
         options = dataclasses.asdict(self.options)
+        where = {"scene": os.path.abspath(self.scene), "cwd": os.getcwd()} if scene else {}
         config = json.dumps(
-            {"frames": self.frames, "outdir": str(self.outdir.resolve()), **options}
+            {"frames": self.frames, "outdir": str(self.outdir.resolve()), **options, **where}
         )
         if len(config.encode()) > MAX_CONFIG_BYTES:
             raise ValueError(
                 f"the render body is too long ({len(config.encode())} bytes with the config, "
                 f"at most {MAX_CONFIG_BYTES}): put the code in a module shipped with the scene"
             )
+        return config
+
+    def command(self) -> list[str]:
+        """Blender's command line; ``--factory-startup`` ignores the user's preferences and
+        startup scripts (reproducible frames) but not the scene's own settings."""
+        config = self.config()
         # Absolute (a name starting with "-" is not an option), but links not followed: a
         # shipped scene is a link into the blob cache, and its "//" paths mean its directory.
         scene = os.path.abspath(self.scene)
@@ -272,6 +280,7 @@ class ChunkProcess:
         on_output: Callable[[str], None] | None = None,
         *,
         env: dict[str, str] | None = None,
+        spare: Any = None,
     ) -> ChunkResult:
         """Render the chunk; blocks until Blender exits or ``cancel()`` kills it.
 
@@ -279,7 +288,8 @@ class ChunkProcess:
         killed and the exception propagates. ``env`` replaces the environment of Blender's
         process (e.g. to set ``CUDA_VISIBLE_DEVICES``). Raises ``ValueError`` (before starting
         anything) when the body is too long to pass on Blender's command line. The caller owns
-        the deadline: call ``cancel()`` when the task's time is up.
+        the deadline: call ``cancel()`` when the task's time is up. ``spare``: a Blender started
+        ahead (``worker._blender_spare``) to render instead of a new one if still there.
         """
         if self._ran:
             raise RuntimeError("ChunkProcess.run may be called once")
@@ -293,8 +303,9 @@ class ChunkProcess:
             if self._cancelled:
                 return ChunkResult((), self.skipped, None, True, None, 0.0)
             started = time.monotonic()
+            proc = spare.hand(self.config(scene=True)) if spare is not None else None
             try:
-                proc = subprocess.Popen(
+                proc = proc or subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
@@ -331,9 +342,9 @@ class ChunkProcess:
             frames = [event.frame for event in saved]
             scene, version = str(self.scene), self.blender.version
             failure = classify(returncode, lines, self.frames, frames, scene=scene, version=version)
-        return ChunkResult(
-            tuple(saved), self.skipped, failure, cancelled, returncode, elapsed_s, warnings
-        )
+        warm = spare is not None and proc is spare.proc
+        out = (tuple(saved), self.skipped, failure, cancelled, returncode, elapsed_s, warnings)
+        return ChunkResult(*out, warm)
 
     def _read(
         self,

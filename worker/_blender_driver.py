@@ -4,8 +4,12 @@ Started only by ``worker._blender.ChunkProcess`` as::
 
     blender -b --factory-startup SCENE --python-exit-code 65 --python _blender_driver.py -- CONFIG
 
-where CONFIG is one JSON object (``ChunkProcess.command``: the fields of ``RenderOptions``
-plus ``frames`` and ``outdir``): ``frames`` (ints, to render in this order), ``outdir``,
+or, for a spare Blender started before its chunk (``worker._blender_spare``), with no SCENE and
+``- IDLE_S`` for CONFIG: it then reads CONFIG, one line, from stdin (and exits quietly if none
+comes within IDLE_S), moves to the chunk's directory (``cwd``) and opens its ``scene``.
+
+CONFIG is one JSON object (``ChunkProcess.config``: the fields of ``RenderOptions`` plus
+``frames`` and ``outdir``): ``frames`` (ints, to render in this order), ``outdir``,
 ``engine`` / ``samples`` / ``resolution`` / ``threads`` (``null`` keeps the scene's),
 ``file_format`` (PNG, JPEG, OPEN_EXR), ``gpus`` and ``body`` (the user's Python source, or
 ``null``).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import linecache
 import os
+import select
 import sys
 import traceback
 
@@ -51,9 +56,24 @@ def say(*words: object) -> None:
 
 def read_config() -> dict:
     argv = sys.argv[sys.argv.index("--") + 1 :] if "--" in sys.argv else []
+    if len(argv) == 2 and argv[0] == "-":  # a spare: the config comes on stdin, when it comes
+        ready, _, _ = select.select([sys.stdin], [], [], float(argv[1]))
+        line = sys.stdin.readline() if ready else ""
+        if not line.strip():  # not taken in time, or dismissed: nothing to do
+            sys.exit(0)
+        return json.loads(line)
     if len(argv) != 1:
         raise SystemExit("usage: blender -b SCENE --python _blender_driver.py -- CONFIG_JSON")
     return json.loads(argv[0])
+
+
+def open_scene(path: str) -> None:
+    """A spare opens its chunk's scene itself (Blender opened it from argv otherwise)."""
+    try:
+        bpy.ops.wm.open_mainfile(filepath=path)
+    except RuntimeError as exc:  # worded for the runner's classification: SCENE_MISSING
+        say("Unable to open", path + ":", str(exc).strip())
+        sys.exit(1)
 
 
 def set_samples(scene, samples: int) -> None:
@@ -170,6 +190,9 @@ def render_frames(scene, frames: list, outdir: str) -> None:
 
 def main() -> None:
     config = read_config()
+    if config.get("scene"):  # a spare: it started elsewhere, before the chunk was known
+        os.chdir(config["cwd"])
+        open_scene(config["scene"])
     scene = bpy.context.scene
     apply_options(scene, config)
     if config.get("body"):

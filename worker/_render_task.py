@@ -24,6 +24,9 @@ error) is ``TaskStatus.ERROR`` with the message and Blender's traceback (the gat
 cause: never this); a machine-side one (killed or out of memory, crashed, no frame written, no
 Blender) is ``CRASHED``, retried on another worker, which skips the frames stored.
 
+A task process's first chunk starts Blender; each later one takes the spare Blender started
+when the one before ended (``worker._blender_spare``), and so does not wait for its start-up.
+
 Cancel: the worker sets the task's flag and sends SIGINT, which raises ``KeyboardInterrupt`` in
 the task process's main thread. That thread only waits here while a helper thread runs the
 chunk and stores its frames (so an interrupt never cuts a message to the worker in half); on
@@ -57,6 +60,7 @@ from gateway.protocol import (
     dumps,
     loads,
 )
+from worker import _blender_spare as spares
 from worker._blender import (
     CANCEL_DEADLINE_S,
     BlenderInfo,
@@ -67,6 +71,7 @@ from worker._blender import (
     FrameSaved,
     RenderOptions,
 )
+from worker._blender_spare import SpareBlender
 from worker._capture import Capture
 from worker._datasets import filesystem
 
@@ -120,15 +125,15 @@ def render_task(
     results_url = a.data.results_url if a.data is not None else ""
     sink = _FrameSink(a, blender.version, capture, put, results_url)
     try:
-        result = _run(chunk, sink)
-    except _StoreFailed as exc:
-        return _result(a, TaskStatus.ERROR, t0, str(exc))
-    except ValueError as exc:  # the body is too long for Blender's command line
+        result = _run(chunk, sink, spares.take(blender.path))
+    except (_StoreFailed, ValueError) as exc:  # ValueError: a body too long for Blender's argv
+        spares.keep_warm(blender.path)
         return _result(a, TaskStatus.ERROR, t0, str(exc))
     finally:
         shutil.rmtree(outdir, ignore_errors=True)  # the frames are stored; only copies go
     if result.cancelled:  # cancelled without the interrupt reaching this thread
         raise KeyboardInterrupt
+    spares.keep_warm(blender.path)  # for this process's next chunk; none after a cancel
     if result.failure is not None:
         return _failed(a, result.failure, t0)
     stored = set(sink.stored) | set(result.skipped)
@@ -136,15 +141,16 @@ def render_task(
     return _result(a, TaskStatus.OK, t0, value=value)
 
 
-def _run(chunk: ChunkProcess, sink: _FrameSink) -> ChunkResult:
-    """Run ``chunk`` on a helper thread and wait for it here, cancelling it on an interrupt."""
+def _run(chunk: ChunkProcess, sink: _FrameSink, spare: SpareBlender | None) -> ChunkResult:
+    """Run ``chunk`` (on ``spare`` if given) on a helper thread and wait for it here,
+    cancelling it on an interrupt."""
     done = threading.Event()
     box: list[ChunkResult] = []
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            box.append(chunk.run(sink.frame, sink.line))
+            box.append(chunk.run(sink.frame, sink.line, spare=spare))
         except BaseException as exc:  # handed to the waiting thread, which raises it
             errors.append(exc)
         finally:
