@@ -12,10 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
 from gateway.client import Client
-from gateway.protocol import GatewaySettings, JobCancelled, TaskDone
-from gateway.server import _clientside
+from gateway.protocol import (
+    AttachJob,
+    ClientHello,
+    Codec,
+    ConnectionInfo,
+    GatewaySettings,
+    JobCancelled,
+    StatusQuery,
+    StatusReply,
+    TaskDone,
+    TaskEvents,
+)
+from gateway.server import _clientside, _replay
 from tests_support import TEST_TIMEOUTS, ThreadGateway, thread_gateway_with_a_worker
 
 pytestmark = pytest.mark.system
@@ -79,3 +91,43 @@ def test_a_job_cancelled_while_it_is_stored_ends_cancelled(
     with pytest.raises(JobCancelled):
         job.wait(120)
     assert client.map(square, range(3)).wait(60).results == [0, 1, 4], "the gateway carries on"
+
+
+def test_a_replay_to_an_attaching_client_goes_a_slice_a_turn_and_others_are_answered_between(
+    cluster: tuple[ThreadGateway, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, client = cluster
+    n = 10 * SLICE + 7
+    job = client.map(square, range(n), chunk=1)
+    assert job.wait(120).results == [x * x for x in range(n)]
+    monkeypatch.setattr(_replay, "REPLAY_SLICE", 1)  # the replay takes 1,007 turns
+    known = bytearray(b"\x01" * n)
+    known[5] = known[n - 1] = 0  # the first and the last slices each owe one outcome
+
+    info = ConnectionInfo.load(gw.settings.connection_file)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(info.client_url)
+    codec = Codec(info.key)
+    try:
+        sock.send_multipart(codec.encode(ClientHello("replay-test")))
+        sock.send_multipart(codec.encode(AttachJob(job.id, False, bytes(known))))
+        sock.send_multipart(codec.encode(StatusQuery()))
+        order: list[str] = []
+        replayed: list[int] = []
+        while len(replayed) < 2 or "status" not in order:
+            assert sock.poll(30_000), f"no answer; so far {order}"
+            msg = codec.decode(sock.recv_multipart()).msg
+            if isinstance(msg, TaskEvents):
+                replayed += [d.index for d in msg.done]
+                order += [f"task {d.index}" for d in msg.done]
+            elif isinstance(msg, StatusReply):
+                order.append("status")
+    finally:
+        sock.close()
+        ctx.term()
+    assert replayed == [5, n - 1], "only what the client lacked, whole"
+    assert order.index("status") < order.index(f"task {n - 1}"), (
+        f"the status query waited for the whole replay: {order}"
+    )

@@ -57,7 +57,6 @@ from gateway.protocol import (
     StatusQuery,
     StatusReply,
     Submit,
-    TaskEvents,
     Welcome,
     WorkerInfo,
 )
@@ -68,6 +67,7 @@ from gateway.server._ingest import Ingest
 from gateway.server._instructions import Executor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import ARGS_KEPT, JobRecord, Registry
+from gateway.server._replay import replay
 from gateway.server._secrets import has_secrets
 from gateway.server._state import StateStore
 from gateway.server._stats import job_stats
@@ -108,6 +108,7 @@ class ClientHandler:
         self._seen: dict[bytes, float] = {}  # client -> last heard (leases)
         self._status_waiters: list[tuple[bytes, str, StatusQuery, float, Principal]] = []
         self.dashboard: Any = None  # the HTTP side (``_http.Dashboard``), set by the gateway
+        self._later = later
         self.ingest = Ingest(store, later, self._ingested)  # big jobs, over several turns
 
     def handle(self, ident: bytes, msg_id: str, msg: Any, who: Principal = ANYONE) -> None:
@@ -291,11 +292,9 @@ class ClientHandler:
             outs = self._store.outputs(msg.job_id)
             if outs:
                 self._outbox.client(ident, Outputs(tuple(outs)))
-        settled = self._store.settled_tasks(msg.job_id, msg.known)
-        if settled:
-            self._outbox.client(ident, TaskEvents(tuple(settled)))
-        if job is None:  # finished: say so after the replay
-            self._outbox.client(ident, JobUpdate(msg.job_id, state, error))
+        ended = JobUpdate(msg.job_id, state, error) if job is None else None  # after the replay
+        replay(self._store, self._outbox, self._later, ident, msg.job_id, msg.known,
+               spec.n_tasks, ended)  # fmt: skip
 
     def answer_status_waiters(self) -> None:
         if not self._status_waiters:
