@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -66,6 +66,15 @@ def _unlimited(sock: zmq.Socket) -> zmq.Socket:
     sock.rcvhwm = 0
     sock.linger = 0
     return sock
+
+
+def _waiting(sock: zmq.Socket) -> Iterator[list[zmq.Frame]]:
+    """Every message waiting on ``sock`` now, without blocking."""
+    while True:
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
 
 
 def _parent_gone(ppid: int) -> bool:
@@ -114,11 +123,7 @@ def _broker_serve(
             if control is not None and control in events:
                 return
             if backend in events:
-                while True:
-                    try:
-                        msg = backend.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for msg in _waiting(backend):
                     wid = msg[0].bytes
                     if len(msg) == 2:  # [worker_id, b"READY"]
                         outstanding[wid] = 0
@@ -131,11 +136,7 @@ def _broker_serve(
                         outstanding[wid] -= 1
                         frontend.send_multipart(msg[1:], copy=False)
             if frontend in events:
-                while True:
-                    try:
-                        msg = frontend.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for msg in _waiting(frontend):
                     if outstanding:
                         dispatch(msg)
                     else:

@@ -30,7 +30,6 @@ from gateway.client._frames import MAX_FRAME, auto_chunk, chunk_frames, parse_fr
 from gateway.client._video import VideoError, count_frames, filmstrip, make_video
 from tests_support import wait_until
 from worker._blender import (
-    SCRIPT_ERROR_EXIT_CODE,
     BlenderError,
     BlenderInfo,
     ChunkProcess,
@@ -42,6 +41,7 @@ from worker._blender import (
     frame_path,
     probe_blender,
 )
+from worker._blender_failures import SCRIPT_ERROR_EXIT_CODE
 from worker._blender_spare import SpareBlender
 
 BLENDER = shutil.which("blender")

@@ -45,14 +45,13 @@ from typing import Any
 
 from worker._blender_failures import (
     OUTPUT_TAIL_LINES,
-    SCRIPT_ERROR_EXIT_CODE,
     BlenderError,
     ChunkFailure,
     FailureKind,
     classify,
     scene_problem,
 )
-from worker._orphan import kill_with_this_thread
+from worker._blender_process import DRIVER_ARGS, start_blender
 
 __all__ = [
     "BlenderError",
@@ -74,8 +73,6 @@ PROBE_CACHE = Path.home() / ".cache" / "parallel-pilot" / "blender-versions.json
 CANCEL_GRACE_S = 1.0  # SIGTERM to SIGKILL
 CANCEL_DEADLINE_S = 2.0  # cancel() returns within this
 MAX_CONFIG_BYTES = 100_000  # the config travels in argv (Linux: 128 KiB per argument)
-# Keep in step with worker/_blender_driver.py.
-DRIVER = Path(__file__).with_name("_blender_driver.py")
 FILE_FORMATS = {"PNG": "png", "JPEG": "jpg", "OPEN_EXR": "exr"}
 # What a .blend starts with: plain, gzip (Blender < 3.0) or zstd (Blender >= 3.0) compressed.
 _VERSION = re.compile(r"^Blender (\d+\.\d+(?:\.\d+)?)", re.MULTILINE)
@@ -271,8 +268,7 @@ class ChunkProcess:
         # Absolute (a name starting with "-" is not an option), but links not followed: a
         # shipped scene is a link into the blob cache, and its "//" paths mean its directory.
         scene = os.path.abspath(self.scene)
-        script = ["--python-exit-code", str(SCRIPT_ERROR_EXIT_CODE), "--python", str(DRIVER)]
-        return [self.blender.path, "-b", "--factory-startup", scene, *script, "--", config]
+        return [self.blender.path, "-b", "--factory-startup", scene, *DRIVER_ARGS, "--", config]
 
     def run(
         self,
@@ -305,19 +301,7 @@ class ChunkProcess:
             started = time.monotonic()
             proc = spare.hand(self.config(scene=True)) if spare is not None else None
             try:
-                proc = proc or subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    errors="replace",
-                    bufsize=1,
-                    start_new_session=True,  # its own process group, killed as one by cancel()
-                    env=env,
-                    # Blender dies with this thread, so with its task process if that is killed.
-                    preexec_fn=kill_with_this_thread(),
-                )
+                proc = proc or start_blender(command, subprocess.DEVNULL, env=env)
             except OSError as exc:
                 how = f"Blender at {self.blender.path} does not start ({exc}): check --blender"
                 failure = ChunkFailure(FailureKind.BLENDER_NOT_FOUND, how, None)

@@ -20,9 +20,7 @@ import os
 import signal
 import subprocess
 
-from worker._blender import DRIVER
-from worker._blender_failures import SCRIPT_ERROR_EXIT_CODE
-from worker._orphan import kill_with_this_thread
+from worker._blender_process import DRIVER_ARGS, start_blender
 
 __all__ = ["SPARE_IDLE_S", "SpareBlender", "keep_warm", "take"]
 
@@ -35,21 +33,15 @@ class SpareBlender:
     """One Blender running the driver, waiting on its stdin for a chunk's config."""
 
     def __init__(self, path: str, idle_s: float = SPARE_IDLE_S) -> None:
-        self.path = path
-        script = ["--python-exit-code", str(SCRIPT_ERROR_EXIT_CODE), "--python", str(DRIVER)]
-        self.proc = subprocess.Popen(
-            [path, "-b", "--factory-startup", *script, "--", "-", repr(float(idle_s))],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            bufsize=1,
-            cwd="/",  # not the task's directory, which may go: the chunk's config names its own
-            start_new_session=True,  # its own process group, killed as one by a cancel
-            # It dies with the thread that started it: a task process's main thread.
-            preexec_fn=kill_with_this_thread(),
-        )
+        command = [path, "-b", "--factory-startup", *DRIVER_ARGS, "--", "-", repr(float(idle_s))]
+        # In "/", not the task's directory, which may go: the chunk's config names its own.
+        # It dies with the thread that starts it: a task process's main thread.
+        self.proc = start_blender(command, subprocess.PIPE, cwd="/")
+
+    def waiting(self) -> bool:
+        """Still waiting for a chunk: running, and not handed one."""
+        assert self.proc.stdin is not None
+        return self.proc.poll() is None and not self.proc.stdin.closed
 
     def hand(self, config: str) -> subprocess.Popen[str] | None:
         """Give the spare its chunk (one JSON line); its process, now the chunk's, or None if
@@ -61,7 +53,7 @@ class SpareBlender:
         try:
             self.proc.stdin.write(config + "\n")
             self.proc.stdin.close()
-        except (BrokenPipeError, OSError):
+        except OSError:  # a broken pipe: it exited meanwhile
             self.dismiss()
             return None
         return self.proc
@@ -77,20 +69,16 @@ class SpareBlender:
         self.proc.wait()
 
 
-def take(path: str) -> SpareBlender | None:
-    """This process's spare, if it runs the Blender at ``path``; it is the caller's now."""
-    global _spare
-    spare, _spare = _spare, None
-    if spare is not None and spare.path != path:
-        spare.dismiss()
-        return None
-    return spare
+def take() -> SpareBlender | None:
+    """This process's spare, if one waits. A chunk that does not hand it its config (it
+    stopped before starting Blender) leaves it waiting for the next."""
+    return _spare if _spare is not None and _spare.waiting() else None
 
 
 def keep_warm(path: str) -> None:
     """Start a spare for the next chunk, unless one waits already. Call on the main thread."""
     global _spare
-    if _spare is None or _spare.proc.poll() is not None:
+    if _spare is None or not _spare.waiting():
         try:
             _spare = SpareBlender(path)
         except OSError:  # the next chunk starts cold, and says why if it cannot either

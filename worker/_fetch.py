@@ -7,9 +7,10 @@ a deadline, ``BLOB_FETCH_BASE_S`` plus the time a shipped file's size takes at
 ``BLOB_FETCH_MIN_BYTES_PER_S``; past it the waiters get a failed reply. A gateway that
 restarted never saw the requests: after a reconnect the worker calls ``resend()``.
 
-``TaskHolds`` keeps an assigned task until its function and its shipped files are on this
-worker, then releases it to the queue, or fails it with the reason. A task process that lacks a
-function asks too (``function``): the cache answers at once, or the gateway once it has.
+``TaskHolds`` keeps an assigned task until its function, its arguments' big buffers and its
+shipped files are on this worker, then releases it to the queue, or fails it with the reason.
+A task process that lacks a function or a buffer asks too (``function``): the cache answers at
+once, or the gateway once it has.
 
 Both are owned by the worker's event loop; waiters are called on it, from ``arrived`` or from
 a deadline's timer.
@@ -63,7 +64,8 @@ class BlobFetcher:
         return digest in self._cache
 
     def function(self, digest: str, then: Waiter) -> None:
-        """Call ``then`` with a function's blob: at once when cached, else once fetched."""
+        """Call ``then`` with a function's blob (or an argument's buffer): at once when
+        cached, else once fetched."""
         payload = self._cache.get(digest)
         if payload is not None:
             then(BlobReply("", digest, True, payload))
@@ -154,9 +156,8 @@ class TaskHolds:
         """True if ``task`` can run now; else it is held, and released or failed later."""
         # A render task runs no function of the user's: its digest is "".
         # Its arguments' big buffers (``Payload.refs``) are blobs too, held like a function.
-        has = self._fetcher.has_function
-        blobs = {task.fn_digest} if task.fn_digest else set()
-        blobs = {d for d in blobs.union(k for _, k in task.args.refs) if not has(d)}
+        wanted = [task.fn_digest, *(key for _, key in task.args.refs)]
+        blobs = {d for d in wanted if d and not self._fetcher.has_function(d)}
         files = missing(task.data, self._files_dir)
         if not blobs and not files:
             return True

@@ -125,7 +125,7 @@ def render_task(
     results_url = a.data.results_url if a.data is not None else ""
     sink = _FrameSink(a, blender.version, capture, put, results_url)
     try:
-        result = _run(chunk, sink, spares.take(blender.path))
+        result = _run(chunk, sink, spares.take())
     except (_StoreFailed, ValueError) as exc:  # ValueError: a body too long for Blender's argv
         spares.keep_warm(blender.path)
         return _result(a, TaskStatus.ERROR, t0, str(exc))

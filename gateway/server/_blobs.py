@@ -32,12 +32,12 @@ def pack_payload(p: Payload) -> bytes:
 
 def unpack_payload(raw: bytes) -> Payload:
     data, buffers, *refs = msgpack.unpackb(raw, use_list=False)
-    return Payload(data, tuple(buffers), None, _refs(refs))
+    return Payload(data, tuple(buffers), None, _refs(refs[0] if refs else ()))
 
 
-def _refs(stored: Any) -> tuple[tuple[int, str], ...]:
-    """The blob references stored after a payload's parts (none in older rows and files)."""
-    return tuple((int(pos), str(key)) for pos, key in stored[0]) if stored else ()
+def _refs(pairs: Any) -> tuple[tuple[int, str], ...]:
+    """Stored blob references as ``Payload.refs`` (older rows and files have none)."""
+    return tuple((int(pos), str(key)) for pos, key in pairs)
 
 
 class BlobStore:
@@ -97,9 +97,9 @@ class BlobStore:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         view = memoryview(mm)
         (hlen,) = _LEN.unpack(view[: _LEN.size])
-        sizes, *refs = msgpack.unpackb(view[_LEN.size : _LEN.size + hlen], use_list=False)
-        if type(sizes) is int:  # a payload without references: the header is its sizes
-            sizes, refs = (sizes, *refs), []
+        head = msgpack.unpackb(view[_LEN.size : _LEN.size + hlen], use_list=False)
+        # [sizes, refs], or only the sizes for a payload without references
+        sizes, refs = (head, ()) if type(head[0]) is int else head
         pos = _LEN.size + hlen
         parts = []
         for size in sizes:

@@ -78,7 +78,6 @@ __all__ = ["ClientHandler"]
 log = logging.getLogger("pilot.gateway")
 
 ANYONE = Principal(ADMIN, admin=True)
-REMEMBERED_BLOB_BYTES = 1 << 20  # bigger blobs are read from the store when a worker asks
 
 
 class ClientHandler:
@@ -232,8 +231,7 @@ class ClientHandler:
             if not ok:
                 self._outbox.client(ident, ErrorReply(msg_id, error, ErrorCode.BAD_REQUEST))
                 return
-            if blob.data.nbytes <= REMEMBERED_BLOB_BYTES:  # a function, not an argument's array
-                self._executor.remember(blob)
+            self._executor.remember(blob)
         now = time.monotonic()
         stored: set[str] = set()
         if not msg.fresh:  # it may be a re-sent submit: look for its jobs in the store

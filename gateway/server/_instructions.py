@@ -37,6 +37,7 @@ __all__ = ["Executor"]
 log = logging.getLogger("pilot.gateway")
 
 FUNCTIONS_KEPT = 256  # function blobs kept in memory (the blob store has them all)
+REMEMBERED_BLOB_BYTES = 1 << 20  # bigger blobs are not kept in memory
 
 
 class Executor:
@@ -66,7 +67,10 @@ class Executor:
         self._functions: OrderedDict[str, Blob] = OrderedDict()  # recent ones, not re-read
 
     def remember(self, blob: Blob) -> None:
-        """A function blob just stored: keep it at hand for the workers that will ask."""
+        """A blob just stored: keep it at hand for the workers that will ask, if it is small
+        (a function; an argument's big buffer is read from the store when asked)."""
+        if blob.data.nbytes > REMEMBERED_BLOB_BYTES:
+            return
         self._functions[blob.digest] = blob
         self._functions.move_to_end(blob.digest)
         if len(self._functions) > FUNCTIONS_KEPT:
