@@ -302,6 +302,60 @@ def test_the_cancel_button_cancels_the_job(client: pilot.Client, page: Watched) 
     assert p.locator(f'button[data-cancel="{job.id}"]').count() == 0
 
 
+def test_the_jobs_list_shows_the_latest_25_and_25_more_per_click(
+    client: pilot.Client, page: Watched
+) -> None:
+    jobs = [client.submit(slow_item, i) for i in range(30)]
+    for job in jobs:
+        job.result(JOB_TIMEOUT_S)
+    p = page.page
+    job_row(p, jobs[-1].id).wait_for()
+    rows = p.locator("tr[data-job]")
+    p.wait_for_function("() => document.querySelectorAll('tr[data-job]').length === 25")
+    assert job_row(p, jobs[0].id).count() == 0  # the 30th latest: not shown yet
+    known = int(re.search(r"of the latest (\d+)", p.inner_text("p.more")).group(1))
+    assert known >= 30
+    p.click("#more")
+    job_row(p, jobs[0].id).wait_for()
+    assert rows.count() == min(50, known)
+
+
+def test_a_page_that_did_not_change_is_left_alone_between_updates(
+    client: pilot.Client, page: Watched
+) -> None:
+    """The page patches its DOM: feed messages that change nothing it shows change no node (a
+    page rebuilt at each message is laid out and painted four times a second for nothing)."""
+    client.map(slow_item, range(4)).wait(JOB_TIMEOUT_S)
+    p = page.page
+    p.wait_for_function(  # every job shown has ended: nothing on the page moves any more
+        "() => document.querySelector('tr[data-job]') &&"
+        " !document.querySelector('tr[data-job] .badge.running, tr[data-job] .badge.queued')"
+    )
+    mutations = p.evaluate(
+        """() => new Promise((resolve) => {
+            const seen = [];
+            const watch = new MutationObserver((ms) => {
+                for (const m of ms) seen.push(`${m.type} in ${m.target.nodeName}`);
+            });
+            watch.observe(document.getElementById("main"),
+                { subtree: true, childList: true, characterData: true, attributes: true });
+            const ws = S.ws, handle = ws.onmessage;
+            let n = 0;
+            ws.onmessage = (m) => {
+                handle(m);
+                if (++n === 4) {  // four batches, then two frames for their renders
+                    requestAnimationFrame(() => requestAnimationFrame(() => {
+                        watch.disconnect();
+                        ws.onmessage = handle;
+                        resolve(seen);
+                    }));
+                }
+            };
+        })"""
+    )
+    assert mutations == []
+
+
 def test_the_pool_and_the_gateway_pages(
     cluster: pilot.LocalCluster, client: pilot.Client, page: Watched, shots: Path
 ) -> None:

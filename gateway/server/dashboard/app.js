@@ -3,14 +3,22 @@
 // never as markup. No innerHTML anywhere in this file.
 "use strict";
 
+const FINISHED = new Set(["done", "failed", "cancelled"]);
+const TEXT_TAIL = 8000;
+// The jobs list shows the latest JOBS_PAGE jobs, and as many more per click. A busy gateway
+// replaces the whole list every batch; building and laying out 150 rows four times a second
+// cost a headless Chromium page 60 ms a batch, 25 rows cost it 8 ms (bench/dashboard.py).
+const JOBS_PAGE = 25;
+
 const S = {
   who: null, csrf: "", ws: null, live: false, retry: 500,
   workers: new Map(), jobs: new Map(), gateway: {},
   rates: [],            // recent task rates, for the sparkline
   detail: null,         // the job the page looks at: {id, frames: Map, metrics, text, failed, restarts}
+  jobsShown: JOBS_PAGE, // rows of the jobs list shown (JOBS_PAGE more per "Show more")
+  drawing: false,       // a render is asked for the next frame
+  after: [],            // what the render does once its DOM is in place (canvases, scrolling)
 };
-const FINISHED = new Set(["done", "failed", "cancelled"]);
-const TEXT_TAIL = 8000;
 
 // -- DOM helpers ------------------------------------------------------------------------------
 
@@ -28,6 +36,33 @@ function el(tag, props, ...children) {
   return node;
 }
 function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); return node; }
+
+// Make `parent`'s children look like `fresh` (new nodes), touching only what differs: an
+// element whose tag and attributes are the same is kept and its children patched in turn, a
+// text that is the same is left alone. A page that did not change is not laid out or painted
+// again, and a busy one only where it changed. So an element's listeners must depend only on
+// its attributes (a row's click reads its job from data-job, not from anything else), because
+// a kept element keeps its own listeners. Canvases are always the new ones (their pixels are
+// not attributes), and a node marked `kept` (a frame's figure, made once) is moved, never
+// emptied into another.
+function patch(parent, fresh) {
+  for (let i = 0; i < fresh.length; i++) {
+    const cur = parent.childNodes[i], node = fresh[i];
+    if (cur === node) continue;
+    if (!cur) parent.append(node);
+    else if (node.nodeType === Node.TEXT_NODE && cur.nodeType === Node.TEXT_NODE) {
+      if (cur.data !== node.data) cur.data = node.data;
+    } else if (sameShell(cur, node)) patch(cur, [...node.childNodes]);
+    else parent.replaceChild(node, cur);
+  }
+  while (parent.childNodes.length > fresh.length) parent.lastChild.remove();
+}
+function sameShell(a, b) {
+  if (a.nodeType !== Node.ELEMENT_NODE || a.nodeName !== b.nodeName || a.nodeName === "CANVAS") return false;
+  if (a.kept || b.kept || a.attributes.length !== b.attributes.length) return false;
+  for (const at of b.attributes) if (a.getAttribute(at.name) !== at.value) return false;
+  return true;
+}
 const $ = (id) => document.getElementById(id);
 
 function fmtBytes(n) {
@@ -140,7 +175,7 @@ function event(e) {
   const d = S.detail;
   if (!d || e.job !== d.id) return;
   if (e.k === "f") {  // one figure per frame, made once: a re-render moves it, never re-decodes
-    e.node = el("figure", { data: { frame: e.frame } },
+    e.node = el("figure", { data: { frame: e.frame }, kept: true },
       e.thumb ? el("img", { src: `data:image/png;base64,${e.thumb}`, alt: `frame ${e.frame}` }) : el("div", { className: "muted" }, "(no preview)"),
       el("figcaption", {}, `frame ${e.frame}`));
     d.frames.set(e.frame, e);
@@ -151,6 +186,7 @@ function event(e) {
   } else if (e.k === "o") {
     if (e.restart !== undefined) d.pendingRestart = e.restart;
     d.text.push(e);
+    d.lines = (d.lines || 0) + 1;
     let size = d.text.reduce((a, t) => a + t.text.length, 0);
     while (size > TEXT_TAIL && d.text.length > 1) size -= d.text.shift().text.length;
   } else if (e.k === "x") d.failed = e.failed;
@@ -174,16 +210,27 @@ function route() {
   render();
 }
 
+// Every change asks for a render; the page renders once in the next frame whatever the number
+// of messages before it, and not at all while it is hidden (a background tab gets no frames).
 function render() {
+  if (S.drawing) return;
+  S.drawing = true;
+  requestAnimationFrame(() => { S.drawing = false; renderNow(); });
+}
+
+function renderNow() {
   if (!S.who) return;
   const main = $("main");
   const keep = main.querySelector("select");
   const chosen = keep ? keep.value : null;
-  clear(main);
-  if (S.view === "pool") pool(main);
-  else if (S.view === "gateway") gatewayPage(main);
-  else if (S.detail) jobPage(main, chosen);
-  else jobsPage(main);
+  const page = document.createElement("main");  // built apart, then patched in
+  S.after = [];
+  if (S.view === "pool") pool(page);
+  else if (S.view === "gateway") gatewayPage(page);
+  else if (S.detail) jobPage(page, chosen);
+  else jobsPage(page);
+  patch(main, [...page.childNodes]);
+  for (const f of S.after) f();
 }
 
 function table(head, rows) {
@@ -195,7 +242,7 @@ function cancelButton(j) {
   if (!j.mine || FINISHED.has(j.state)) return "";
   return el("button", {
     className: "danger", data: { cancel: j.id },
-    on: { click: (ev) => { ev.stopPropagation(); cancel(j.id); } },
+    on: { click: (ev) => { ev.stopPropagation(); cancel(ev.currentTarget.dataset.cancel); } },
   }, "Cancel");
 }
 
@@ -207,34 +254,26 @@ async function cancel(id) {
   if (r.status !== 200) alert(`Could not cancel: ${(await r.json()).error}`);
 }
 
-// A row is built again only when what it shows changed (its data, or its ETA's second): a
-// page with a busy gateway moves rows, it does not rebuild them four times a second.
-const ROWS = new Map();
-function row(kind, id, data, build) {
-  const key = JSON.stringify(data);
-  const cached = ROWS.get(kind + id);
-  if (cached && cached.key === key) return cached.node;
-  const node = build();
-  ROWS.set(kind + id, { key, node });
-  return node;
-}
-function forgetRows(kind, live) {
-  for (const k of ROWS.keys()) if (k.startsWith(kind) && !live.has(k.slice(kind.length))) ROWS.delete(k);
-}
-
 function jobsPage(main) {
-  const jobs = [...S.jobs.values()].sort((a, b) => b.created - a.created);
-  forgetRows("job:", new Set(S.jobs.keys()));
+  const all = [...S.jobs.values()].sort((a, b) => b.created - a.created);
+  const jobs = all.slice(0, S.jobsShown);
   main.append(el("h1", {}, "Jobs"));
   if (!jobs.length) { main.append(el("div", { className: "empty" }, "No jobs yet.")); return; }
   main.append(table(["job", "name", "owner", "kind", "state", "progress", "ETA", "submitted", ""],
-    jobs.map((j) => row("job:", j.id, [j, eta(j)], () => el("tr", {
+    jobs.map((j) => el("tr", {
       className: "link", data: { job: j.id },
-      on: { click: () => { location.hash = `#/jobs/${encodeURIComponent(j.id)}`; } },
+      on: { click: (ev) => { location.hash = `#/jobs/${encodeURIComponent(ev.currentTarget.dataset.job)}`; } },
     },
     el("td", { className: "muted" }, j.id), el("td", { className: "name" }, j.name), el("td", {}, j.owner),
     el("td", {}, j.kind), el("td", {}, badge(j.state)), el("td", {}, progress(j)),
-    el("td", {}, eta(j)), el("td", { className: "muted" }, clock(j.created)), el("td", {}, cancelButton(j)))))));
+    el("td", {}, eta(j)), el("td", { className: "muted" }, clock(j.created)), el("td", {}, cancelButton(j))))));
+  const rest = all.length - jobs.length;
+  if (rest > 0) {
+    main.append(el("p", { className: "more" },
+      el("button", { id: "more", on: { click: () => { S.jobsShown += JOBS_PAGE; render(); } } },
+        `Show ${Math.min(JOBS_PAGE, rest)} more`),
+      el("span", { className: "muted" }, ` ${rest} more of the latest ${all.length}; older jobs: pilot jobs`)));
+  }
 }
 
 function jobPage(main, chosenMetric) {
@@ -262,9 +301,13 @@ function jobPage(main, chosenMetric) {
   }
   main.append(el("h2", {}, "Output (tail)"));
   if (!d.text.length) { main.append(el("div", { className: "empty" }, d.loaded ? "No output." : "Loading…")); return; }
-  const out = el("pre", { id: "output" }, d.text.map((t) => el("span", { className: t.err ? "err" : "" }, t.text)));
-  main.append(out);
-  out.scrollTop = out.scrollHeight;  // the tail: the latest lines in view
+  main.append(el("pre", { id: "output" }, d.text.map((t) => el("span", { className: t.err ? "err" : "" }, t.text))));
+  S.after.push(() => {  // the tail: the latest lines in view when lines came (else leave the reader be)
+    if (d.scrolled === d.lines) return;
+    const out = $("output");
+    out.scrollTop = out.scrollHeight;
+    d.scrolled = d.lines;
+  });
 }
 
 function gallery(main, d) {
@@ -289,7 +332,7 @@ function chart(main, d, chosen) {
   const canvas = el("canvas", { id: "curve" });
   main.append(el("div", { className: "chart" }, canvas, el("div", { className: "legend", id: "legend" })));
   if (!metric) return;
-  requestAnimationFrame(() => draw(canvas, d, metric));
+  S.after.push(() => draw(canvas, d, metric));
 }
 
 const COLORS = ["#2f6fed", "#e0702b", "#1f9d55", "#9b51e0", "#d64545", "#0aa3a3", "#c98a00", "#555"];
@@ -367,7 +410,7 @@ function gatewayPage(main) {
     card("refused messages", g.refused ?? 0),
     card("workers / live jobs", `${g.workers ?? 0} / ${g.jobs ?? 0}`),
     card("up", fmtDur(g.uptime))));
-  requestAnimationFrame(() => {
+  S.after.push(() => {
     const dpr = window.devicePixelRatio || 1, W = spark.clientWidth, H = spark.clientHeight;
     spark.width = W * dpr; spark.height = H * dpr;
     const c = spark.getContext("2d"); c.scale(dpr, dpr);
