@@ -31,6 +31,7 @@ from gateway.protocol import (
     loads,
 )
 from gateway.protocol import _messages as m
+from gateway.protocol import _vocabulary as vocabulary
 
 KEY = os.urandom(32).hex()
 
@@ -97,7 +98,7 @@ def _loads_eq(a: Payload, b: Payload) -> bool:
     return x["name"] == y["name"] and np.array_equal(x["array"], y["array"])
 
 
-@pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", vocabulary.MESSAGE_TYPES, ids=lambda c: c.__name__)
 def test_every_message_round_trips(cls: type) -> None:
     msg = sample(cls)
     out = Codec(KEY).decode(Codec(KEY).encode(msg))
@@ -199,7 +200,7 @@ def test_other_major_version_gets_a_clear_refusal() -> None:
 def test_message_type_not_allowed_on_a_socket_is_refused() -> None:
     frames = Codec(KEY).encode(sample(m.Assign))  # a gateway->worker message
     with pytest.raises(ProtocolError, match="Unexpected message type"):
-        Codec(KEY, accept=m.FROM_CLIENT).decode(frames)
+        Codec(KEY, accept=vocabulary.FROM_CLIENT).decode(frames)
 
 
 @settings(max_examples=300, deadline=None)

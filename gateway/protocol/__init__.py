@@ -63,10 +63,6 @@ from gateway.protocol._jobdata import (
     task_keys,
 )
 from gateway.protocol._messages import (
-    FROM_CLIENT,
-    FROM_WORKER,
-    MESSAGE_TYPES,
-    RECORD_TYPES,
     Assign,
     Assignment,
     AttachJob,
@@ -156,6 +152,12 @@ from gateway.protocol._settings import (
     default_home,
     find_connection,
     new_key,
+)
+from gateway.protocol._vocabulary import (
+    FROM_CLIENT,
+    FROM_WORKER,
+    MESSAGE_TYPES,
+    RECORD_TYPES,
 )
 from gateway.protocol._wire import (
     PROTOCOL_FRAME,

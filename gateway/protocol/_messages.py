@@ -27,10 +27,6 @@ from gateway.protocol._errors import ErrorCode
 from gateway.protocol._policy import SchedulingPolicy
 
 __all__ = [
-    "FROM_CLIENT",
-    "FROM_WORKER",
-    "MESSAGE_TYPES",
-    "RECORD_TYPES",
     "Assign",
     "Assignment",
     "AttachJob",
@@ -703,92 +699,3 @@ class BlobReply:
     ok: bool
     data: Payload | None = None
     error: str = ""
-
-
-# Job stats and dashboard logins: in ``_monitoring`` (size), joining the tuples at their ends.
-from gateway.protocol import _monitoring  # noqa: E402
-
-RECORD_TYPES: tuple[type, ...] = (
-    Resources,
-    GpuInfo,
-    JobSpec,
-    TaskAttempt,
-    Assignment,
-    TaskResult,
-    TaskDone,
-    Output,
-    WorkerInfo,
-    JobInfo,
-    JobUpdate,  # also a message; nested in TaskEvents.ended
-    FileRef,
-    DataRef,
-    ShippedFile,
-    JobData,
-    Blob,
-    SessionReady,
-    InputRequest,
-    CellDone,
-    SchedulingPolicy,
-    TrainSpec,
-    RankInfo,
-    RenderSpec,
-    FrameDone,
-    *_monitoring.RECORDS,
-)
-
-MESSAGE_TYPES: tuple[type, ...] = (
-    ClientHello,
-    WorkerHello,
-    Welcome,
-    Refused,
-    Heartbeat,
-    Goodbye,
-    ErrorReply,
-    Submit,
-    Submitted,
-    CancelJob,
-    AttachJob,
-    JobUpdate,
-    TaskEvents,
-    Outputs,
-    StatusQuery,
-    StatusReply,
-    JobsQuery,
-    JobsReply,
-    LogsQuery,
-    LogsReply,
-    Assign,
-    CancelTasks,
-    TasksStarted,
-    TaskResults,
-    RunCell,
-    InputReply,
-    InterruptTask,
-    PutBlob,
-    GetBlob,
-    BlobReply,
-    RendezvousReady,
-    Rendezvous,
-    *_monitoring.MESSAGES,
-)
-
-# Which messages each side may send; the codec of the receiving side refuses the rest.
-FROM_CLIENT: tuple[type, ...] = (
-    ClientHello,
-    Heartbeat,
-    Goodbye,
-    Submit,
-    CancelJob,
-    AttachJob,
-    StatusQuery,
-    JobsQuery,
-    LogsQuery,
-    RunCell,
-    InputReply,
-    InterruptTask,
-    PutBlob,
-    GetBlob,
-    *_monitoring.FROM_CLIENT,
-)
-FROM_WORKER: tuple[type, ...] = (WorkerHello, Heartbeat, Goodbye, TaskResults, TasksStarted)
-FROM_WORKER += (Outputs, PutBlob, GetBlob, RendezvousReady)

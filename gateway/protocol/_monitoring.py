@@ -2,9 +2,9 @@
 
 It belongs with ``_messages`` (the same rules: frozen dataclasses, field order is wire order, a
 new field only at the end with a default) and lives apart only for that module's size. Its
-types join ``_messages``' ``RECORD_TYPES``, ``MESSAGE_TYPES`` and ``FROM_CLIENT`` at their ends
-(``RECORDS``, ``MESSAGES``, ``FROM_CLIENT`` here), so their codes and names are the protocol's
-like any other.
+types join ``_vocabulary``'s ``RECORD_TYPES``, ``MESSAGE_TYPES`` and ``FROM_CLIENT`` at their
+ends (``RECORDS``, ``MESSAGES``, ``FROM_CLIENT`` here), so their codes and names are the
+protocol's like any other.
 
 - ``StatsQuery`` / ``StatsReply``: a job's timings (``JobStats``: per attempt ``TaskStats``,
   per worker ``WorkerStats``), from the gateway's store (``pilot stats``, ``Job.stats()``);

@@ -44,7 +44,8 @@ from gateway.protocol._errors import (
     ProtocolError,
     VersionMismatch,
 )
-from gateway.protocol._messages import MESSAGE_TYPES, RECORD_TYPES, Payload
+from gateway.protocol._messages import Payload
+from gateway.protocol._vocabulary import MESSAGE_TYPES, RECORD_TYPES
 
 __all__ = [
     "PROTOCOL_FRAME",
