@@ -1,9 +1,9 @@
 """The gateway's state in SQLite: jobs, tasks, attempts, results, kept outputs.
 
-WAL mode, one connection, owned by the gateway's event loop thread. Writes are buffered and
-committed together by ``flush()``, which the server calls once per loop turn (group commit), so
-a burst of thousands of results costs one transaction. A gateway killed at any point restarts
-from the last committed turn: ``unfinished_jobs()`` is what it resumes.
+WAL mode, one connection owned by the gateway's loop (another, on a thread, checkpoints: ``_wal``).
+Writes are buffered and committed together by ``flush()``, which the server calls once per loop
+turn (group commit), so a burst of thousands of results costs one transaction. A gateway killed
+at any point restarts from the last committed turn: ``unfinished_jobs()`` is what it resumes.
 
 Payloads (functions, task arguments, results) small enough live in the database; larger ones in
 the blob store, referenced by digest. Job specs are stored without secrets (``_secrets``).
@@ -12,6 +12,7 @@ the blob store, referenced by digest. Job specs are stored without secrets (``_s
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,7 @@ from gateway.protocol import (
 )
 from gateway.server._blobs import BlobStore, known_key, pack_payload, unpack_payload
 from gateway.server._secrets import for_disk
+from gateway.server._wal import Checkpointer, hold_state
 
 __all__ = ["StateStore", "UnfinishedJob"]
 
@@ -78,30 +80,29 @@ class StateStore:
     def __init__(self, path: Path, blobs: BlobStore, *, inline_bytes: int = 1 << 20) -> None:
         self.blobs = blobs
         self.inline_bytes = inline_bytes
+        self._lock = hold_state(path.parent)  # a second gateway here fails, saying so
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            # Small pages: a commit writes every page it touched to the log, and a turn
-            # touches a few rows in a few tables (only a new database takes this).
-            self._db.execute("PRAGMA page_size=1024")
-            # One process owns the database and keeps it locked: no file locks per
-            # transaction, no shared-memory index (set before WAL mode is entered), and a
-            # second gateway on the same state directory fails (after the busy timeout, 5 s)
-            # instead of racing the first.
-            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)  # writes: takes the lock now
-        except sqlite3.OperationalError as exc:
+            self._open(path)
+        except BaseException:
             self._db.close()
-            if "locked" not in str(exc):
-                raise
-            raise ConfigError(
-                f"The state in {path.parent} is in use by another gateway (its database is "
-                "locked). Stop that gateway, or give this one another --state directory."
-            ) from exc
+            os.close(self._lock)
+            raise
+        self._checkpointer = Checkpointer(path)
+        self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        # jobs that started running since the last flush; a job that also ended meanwhile
+        # needs one write, not two (short jobs start and end within one turn)
+        self._running: dict[str, None] = {}
+        self._failure: sqlite3.Error | None = None  # the last commit's error, until one works
+
+    def _open(self, path: Path) -> None:
+        self._db.execute("PRAGMA page_size=1024")  # a commit logs whole pages; turns are small
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
+        self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "spec" not in columns:
-            self._db.close()
             raise ConfigError(
                 f"The state in {path.parent} was written by an older Parallel Pilot (its jobs "
                 "table has no spec column): give this gateway another --state directory, or "
@@ -109,15 +110,12 @@ class StateStore:
             )
         if "owner" not in columns:  # a state from before jobs had owners: the admin's
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT DEFAULT ''")
-        self._pending: dict[str, list[tuple[Any, ...]]] = {}
-        # jobs that started running since the last flush; a job that also ended meanwhile
-        # needs one write, not two (short jobs start and end within one turn)
-        self._running: dict[str, None] = {}
-        self._failure: sqlite3.Error | None = None  # the last commit's error, until one works
 
     def close(self) -> None:
         self.flush()
+        self._checkpointer.close()
         self._db.close()
+        os.close(self._lock)
 
     # -- buffered writes --------------------------------------------------------------------
 
@@ -150,6 +148,7 @@ class StateStore:
                 log.exception("could not commit the gateway's state; holding it in memory")
             self._failure = exc
             return False
+        self._checkpointer.poke()
         if self._failure is not None:
             log.warning("the gateway's state is written again (%s is over)", self._failure)
         self._failure = None
