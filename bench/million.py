@@ -7,9 +7,10 @@ On a ``LocalCluster`` (a gateway and ``--workers`` workers of one slot, as ``pil
 2. the big job: ``map(noop, range(n), chunk=1)``, timing the call until it returns (the tasks
    are submitted and acknowledged: they are the gateway's), then until every result is back.
    Meanwhile a thread samples the resident memory (RSS) of the gateway and of this process
-   (the client) every 0.25 s, and another client asks the gateway ``status()`` and ``jobs()``
-   every 0.5 s, timing each answer (what ``pilot status`` and ``pilot jobs`` ask; the
-   commands add their own Python start-up, about 0.15 s here). A third thread reads the job's
+   (the client) every 0.25 s, and another client, in a process of its own as the commands
+   are, asks the gateway ``status()`` and ``jobs()`` every 0.5 s, timing each answer (what
+   ``pilot status`` and ``pilot jobs`` ask; the commands add their own Python start-up, about
+   0.15 s here). A third thread reads the job's
    events and counts the results of each task.
 3. with ``--restart`` (the default), the same job once more, and when half its tasks are done
    the gateway is killed (SIGKILL) and started again on the same state: the job must finish
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import select
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -47,21 +50,31 @@ from bench._table import print_table, write_json  # noqa: E402
 MB = 1 << 20
 TARGETS = {"gateway_peak_mb": 500, "client_peak_mb": 500, "submit_s": 10.0, "rate_ratio": 0.8}
 ANSWER_TARGET_MS = 100.0
+ASKER = "--asker"  # run as the asking process (Sampler)
 
 
 class Sampler:
     """Peak RSS of the gateway (whichever process it is now) and of this process, and the
-    answer times of ``status()`` and ``jobs()`` from a client of its own, until ``stop()``."""
+    answer times of ``status()`` and ``jobs()`` asked by a client in a process of its own (as
+    ``pilot status`` is: this process decodes a million results meanwhile, and an answer read
+    here would wait for its GIL), until ``__exit__``."""
 
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
         self.peak = {"gateway": 0, "client": 0}
-        # per call: (start, end) on perf_counter, so the restart's window can be told apart
+        # per call: (start, end) on the system's monotonic clock, which both processes read,
+        # so the restart's window can be told apart
         self.answers: dict[str, list[tuple[float, float]]] = {"status": [], "jobs": []}
         self._stop = threading.Event()
+        self._asker = subprocess.Popen(
+            [sys.executable, __file__, ASKER, str(cluster.connection_file)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self._threads = [
             threading.Thread(target=self._memory, daemon=True),
-            threading.Thread(target=self._ask, daemon=True),
+            threading.Thread(target=self._read_answers, daemon=True),
         ]
 
     def __enter__(self) -> Sampler:
@@ -71,8 +84,17 @@ class Sampler:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        assert self._asker.stdin is not None
+        self._asker.stdin.close()  # the asker's signal to stop
+        self._asker.wait(60)
         for t in self._threads:
             t.join(30)
+
+    def _read_answers(self) -> None:
+        assert self._asker.stdout is not None
+        for line in self._asker.stdout:
+            what, start, end = line.split()
+            self.answers[what].append((float(start), float(end)))
 
     def _memory(self) -> None:
         import psutil
@@ -87,21 +109,28 @@ class Sampler:
             self.peak["gateway"] = max(self.peak["gateway"], rss)
             self.peak["client"] = max(self.peak["client"], me.memory_info().rss)
 
-    def _ask(self) -> None:
-        import pilot
 
-        while not self._stop.is_set():
-            try:
-                with pilot.connect(self.cluster.connection_file, name="bench-asker") as c:
-                    while True:  # at once, then every 0.5 s
-                        for what, call in (("status", c.status), ("jobs", c.jobs)):
-                            t0 = time.perf_counter()
-                            call()
-                            self.answers[what].append((t0, time.perf_counter()))
-                        if self._stop.wait(0.5):
-                            return
-            except pilot.PilotError:
-                self._stop.wait(0.5)  # the gateway is being restarted: ask again once it is back
+def asker_main(connection_file: str) -> None:
+    """The asking process: ``status()`` and ``jobs()`` at once and then every 0.5 s, a line
+    ``WHAT START END`` (monotonic seconds) per answer, until its stdin closes."""
+    import pilot
+
+    def stopped(wait_s: float) -> bool:  # stdin readable: closed by the bench
+        return bool(select.select([sys.stdin], [], [], wait_s)[0])
+
+    while True:
+        try:
+            with pilot.connect(connection_file, name="bench-asker") as c:
+                while True:
+                    for what, call in (("status", c.status), ("jobs", c.jobs)):
+                        t0 = time.monotonic()
+                        call()
+                        print(what, t0, time.monotonic(), flush=True)
+                    if stopped(0.5):
+                        return
+        except pilot.PilotError:
+            if stopped(0.5):  # the gateway is being restarted: ask again once it is back
+                return
 
 
 def count_results(job: Any, n: int, counts: bytearray) -> None:
@@ -127,10 +156,10 @@ def big_job(cluster: Any, client: Any, n: int, restart: bool) -> dict[str, Any]:
             while job.progress[0] < n // 2:
                 time.sleep(0.05)  # polling the job's own counter; the bench is not a test
             restarted_at = job.progress[0]
-            killed = time.perf_counter()
+            killed = time.monotonic()
             cluster.kill_gateway()
             cluster.start_gateway()
-            down = (killed, time.perf_counter())
+            down = (killed, time.monotonic())
         job.wait(3600)
         took = time.perf_counter() - t0
         reader.join(60)
@@ -179,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-restart", dest="restart", action="store_false")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "million.json"))
+    parser.add_argument(ASKER, metavar="CONNECTION_FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.asker:
+        asker_main(args.asker)
+        return 0
 
     import pilot
 
