@@ -331,13 +331,19 @@ def test_a_page_that_did_not_change_is_left_alone_between_updates(
         "() => document.querySelector('tr[data-job]') &&"
         " !document.querySelector('tr[data-job] .badge.running, tr[data-job] .badge.queued')"
     )
-    mutations = p.evaluate(
-        """() => new Promise((resolve) => {
+    assert _mutations_over_four_batches(p, "main") == []
+
+
+def _mutations_over_four_batches(p: Any, element_id: str) -> list[str]:
+    """The DOM mutations under the element ``element_id`` while the page handles four feed
+    messages (and renders them)."""
+    return p.evaluate(
+        """(id) => new Promise((resolve) => {
             const seen = [];
             const watch = new MutationObserver((ms) => {
                 for (const m of ms) seen.push(`${m.type} in ${m.target.nodeName}`);
             });
-            watch.observe(document.getElementById("main"),
+            watch.observe(document.getElementById(id),
                 { subtree: true, childList: true, characterData: true, attributes: true });
             const ws = S.ws, handle = ws.onmessage;
             let n = 0;
@@ -351,9 +357,9 @@ def test_a_page_that_did_not_change_is_left_alone_between_updates(
                     }));
                 }
             };
-        })"""
+        })""",
+        element_id,
     )
-    assert mutations == []
 
 
 def test_the_pool_and_the_gateway_pages(
@@ -410,6 +416,8 @@ def test_a_render_jobs_thumbnails_fill_in_live(
     job.wait(JOB_TIMEOUT_S)
     link = p.locator("#video")
     link.wait_for()  # once the job has ended, its frames as a video
+    # every frame is in: the gallery is left alone (not emptied and filled at each update)
+    assert _mutations_over_four_batches(p, "gallery") == []
     page.shot(shots, "render")
     video = p.request.get(base_url(client) + link.get_attribute("href"))
     assert video.status == 200 and video.headers["content-type"] == "video/mp4"

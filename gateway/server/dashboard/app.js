@@ -43,8 +43,10 @@ function clear(node) { while (node.firstChild) node.removeChild(node.firstChild)
 // again, and a busy one only where it changed. So an element's listeners must depend only on
 // its attributes (a row's click reads its job from data-job, not from anything else), because
 // a kept element keeps its own listeners. Canvases are always the new ones (their pixels are
-// not attributes), and a node marked `kept` (a frame's figure, made once) is moved, never
-// emptied into another.
+// not attributes), and a node marked `kept` (a frame's figure, made once) is moved into place
+// before the nodes that follow it, never emptied into another. An element marked
+// `childrenAfter` is built empty and filled after the patch (S.after): its children are
+// nodes that live in the document, which a view built apart cannot hold.
 function patch(parent, fresh) {
   for (let i = 0; i < fresh.length; i++) {
     const cur = parent.childNodes[i], node = fresh[i];
@@ -52,7 +54,8 @@ function patch(parent, fresh) {
     if (!cur) parent.append(node);
     else if (node.nodeType === Node.TEXT_NODE && cur.nodeType === Node.TEXT_NODE) {
       if (cur.data !== node.data) cur.data = node.data;
-    } else if (sameShell(cur, node)) patch(cur, [...node.childNodes]);
+    } else if (node.kept) parent.insertBefore(node, cur);
+    else if (sameShell(cur, node)) { if (!node.childrenAfter) patch(cur, [...node.childNodes]); }
     else parent.replaceChild(node, cur);
   }
   while (parent.childNodes.length > fresh.length) parent.lastChild.remove();
@@ -318,7 +321,8 @@ function gallery(main, d) {
     : "";
   main.append(el("h2", {}, `Frames (${frames.length}) `, video));
   if (!frames.length) { main.append(el("div", { className: "empty" }, "No frame yet.")); return; }
-  main.append(el("div", { className: "gallery", id: "gallery" }, frames.map((f) => f.node)));
+  main.append(el("div", { className: "gallery", id: "gallery", childrenAfter: true }));
+  S.after.push(() => patch($("gallery"), frames.map((f) => f.node)));  // new frames only
 }
 
 function xOf(m, i) { return typeof m.values.step === "number" ? m.values.step : i; }
