@@ -13,6 +13,7 @@ Owned by the gateway loop.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from gateway.protocol import TaskEvents
@@ -43,7 +44,6 @@ def replay(
     if settled:
         outbox.client(ident, TaskEvents(tuple(settled)))
     if end < n_tasks:
-        then = (store, outbox, later, ident, job_id, known, n_tasks, last, end)
-        later(lambda: replay(*then), 0.0)
+        later(partial(replay, store, outbox, later, ident, job_id, known, n_tasks, last, end), 0.0)
     elif last is not None:
         outbox.client(ident, last)

@@ -11,6 +11,7 @@ the blob store, referenced by digest. Job specs are stored without secrets (``_s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -80,14 +81,13 @@ class StateStore:
     def __init__(self, path: Path, blobs: BlobStore, *, inline_bytes: int = 1 << 20) -> None:
         self.blobs = blobs
         self.inline_bytes = inline_bytes
-        self._lock = hold_state(path.parent)  # a second gateway here fails, saying so
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        try:
+        with contextlib.ExitStack() as undo:  # what is open so far, closed if opening fails
+            self._lock = hold_state(path.parent)  # a second gateway here fails, saying so
+            undo.callback(os.close, self._lock)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            undo.callback(self._db.close)
             self._open(path)
-        except BaseException:
-            self._db.close()
-            os.close(self._lock)
-            raise
+            undo.pop_all()
         self._checkpointer = Checkpointer(path)
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
         # jobs that started running since the last flush; a job that also ended meanwhile

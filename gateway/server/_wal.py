@@ -4,8 +4,8 @@ and the state directory held by one gateway at a time: ``hold_state``.
 In WAL mode a commit appends to the log; a checkpoint copies the logged pages back into the
 database file and syncs both files to disk. SQLite runs one by default inside the commit that
 takes the log past 1,000 pages, on the thread that commits: the gateway's loop. With the
-database of a million-task job that sync took up to 0.4 s on the development VM, and every
-client waited (``bench/million.py``'s slow ``status()`` answers). So the loop's connection
+database of a million-task job one such commit held the loop for about 0.4 s on the
+development VM, and every client waited meanwhile. So the loop's connection
 never checkpoints (``PRAGMA wal_autocheckpoint=0``), and a thread with a connection of its own
 runs a passive checkpoint every ``CHECKPOINT_S``, after commits: a passive checkpoint never
 blocks the writer, and the writer does not sync in ``synchronous=NORMAL``. Durability is

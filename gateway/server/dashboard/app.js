@@ -6,8 +6,8 @@
 const FINISHED = new Set(["done", "failed", "cancelled"]);
 const TEXT_TAIL = 8000;
 // The jobs list shows the latest JOBS_PAGE jobs, and as many more per click. A busy gateway
-// replaces the whole list every batch; building and laying out 150 rows four times a second
-// cost a headless Chromium page 60 ms a batch, 25 rows cost it 8 ms (bench/dashboard.py).
+// replaces the whole list every batch; laying out 150 rows four times a second cost a headless
+// Chromium page 60-80 ms a batch, 30 rows 7-11 ms (bench/dashboard.py, docs/dashboard.md).
 const JOBS_PAGE = 25;
 
 const S = {
@@ -62,7 +62,7 @@ function patch(parent, fresh) {
 }
 function sameShell(a, b) {
   if (a.nodeType !== Node.ELEMENT_NODE || a.nodeName !== b.nodeName || a.nodeName === "CANVAS") return false;
-  if (a.kept || b.kept || a.attributes.length !== b.attributes.length) return false;
+  if (a.kept || a.attributes.length !== b.attributes.length) return false;  // (patch moves b.kept)
   for (const at of b.attributes) if (a.getAttribute(at.name) !== at.value) return false;
   return true;
 }
