@@ -10,6 +10,7 @@ tests count the bytes a real gateway receives, and cover a blob the gateway no l
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import msgpack
@@ -23,6 +24,7 @@ from gateway.protocol import (
     Payload,
     ProtocolError,
     SerializationError,
+    TaskDone,
     by_content,
     dumps,
     loads,
@@ -32,10 +34,11 @@ from gateway.protocol import (
 from gateway.protocol import _messages as m
 from gateway.protocol._digest import frame_digest
 from gateway.server._blobs import BlobStore, pack_payload, unpack_payload
-from tests_support import TEST_TIMEOUTS
+from tests_support import TEST_TIMEOUTS, wait_until
 
 KEY = os.urandom(32).hex()
 MB = 1 << 20
+DEADLINE_S = 60.0
 
 
 def total_and_first(arr: np.ndarray, label: int) -> tuple[float, float, int]:
@@ -43,6 +46,13 @@ def total_and_first(arr: np.ndarray, label: int) -> tuple[float, float, int]:
 
 
 def total_and_first_of(pair: tuple[np.ndarray, int]) -> tuple[float, float, int]:
+    return total_and_first(*pair)
+
+
+def slowly_total_and_first_of(pair: tuple[np.ndarray, int]) -> tuple[float, float, int]:
+    import time
+
+    time.sleep(0.2)
     return total_and_first(*pair)
 
 
@@ -131,7 +141,7 @@ def test_the_same_array_reaches_ten_tasks_but_the_gateway_once(
 
 
 @pytest.mark.system
-def test_a_buffer_the_gateway_lost_fails_its_task_saying_so() -> None:
+def test_a_buffer_the_gateway_lost_is_waited_for_then_fails_its_task_saying_so() -> None:
     with pilot.LocalCluster(workers=1, timeouts=TEST_TIMEOUTS) as cluster:
         first = cluster.client()
         arr = np.random.default_rng(2).random(2 * MB // 8)
@@ -139,13 +149,98 @@ def test_a_buffer_the_gateway_lost_fails_its_task_saying_so() -> None:
         key = frame_digest(arr).hex()
         blob = cluster.home / "state" / "blobs" / key[:2] / key
         assert blob.exists(), "the buffer is in the gateway's store under its BLAKE3 key"
-        blob.unlink()
-        # A new worker has nothing cached; the client still believes the gateway has it.
-        cluster.workers[0].kill()
-        cluster.workers[0].wait(30)
-        cluster.add_worker()
-        job = first.submit(total_and_first, arr, 1)
+
+        def lose_it() -> None:  # a new worker has nothing cached; the client still believes
+            blob.unlink()  # the gateway has it (as after a restart before it was written)
+            worker = cluster.workers[-1]
+            worker.kill()
+            worker.wait(30)
+            cluster.add_worker()
+
+        lose_it()
+        waiting = first.submit(total_and_first, arr, 1)
+        wait_until(  # the worker asked, and the gateway looks for it again (orphan_grace_s)
+            lambda: first.status().counters.get("blobs_awaited", 0) >= 1,
+            what="the gateway to wait for the buffer it lacks",
+        )
+        # Another client sends the array (as the first would, resending its Submit after a
+        # restart): both tasks run.
+        assert cluster.client().submit(total_and_first, arr, 2).result(60)[2] == 2
+        assert waiting.result(60)[2] == 1
+
+        lose_it()  # and nobody sends it again: the task fails once the grace is over
+        job = first.submit(total_and_first, arr, 3)
         with pytest.raises(JobError, match=f"argument's buffer \\(blob {key[:12]}\\) could not"):
             job.result(60)
-        # A new client sends the array again, and the task runs.
-        assert cluster.client().submit(total_and_first, arr, 2).result(60)[2] == 2
+        assert first.status().counters["blobs_awaited"] == 2
+        assert cluster.client().submit(total_and_first, arr, 4).result(60)[2] == 4
+
+
+@pytest.mark.system
+def test_a_gateway_killed_before_a_buffer_was_on_disk_is_sent_it_again() -> None:
+    """A buffer big enough to be written behind, on a disk that fails the write: the job runs
+    from memory, unacknowledged; the gateway and the worker are killed, the disk comes back,
+    and the client's Submit, sent again, brings the buffer to the new gateway."""
+    with pilot.LocalCluster(workers=1, timeouts=TEST_TIMEOUTS) as cluster:
+        client = cluster.client()
+        arr = np.random.default_rng(3).random(8 * MB // 8)  # over the off-loop threshold
+        key = frame_digest(arr).hex()
+        blobs = cluster.home / "state" / "blobs"
+        blocker = blobs / key[:2]
+        blocker.write_bytes(b"")  # where its directory goes: the write fails
+        job = client.map(slowly_total_and_first_of, [(arr, i) for i in range(12)], chunk=1)
+        next(ev for ev in job.events() if isinstance(ev, TaskDone))
+        assert not (blobs / key[:2] / key).exists()
+        cluster.kill_gateway()
+        worker = cluster.workers[-1]
+        worker.kill()
+        worker.wait(30)
+        blocker.unlink()
+        cluster.start_gateway()
+        cluster.add_worker()  # has nothing cached: asks the new gateway for the buffer
+        job.wait(120)
+        assert [r[2] for r in job.results] == list(range(12))
+        assert all(r[:2] == (float(arr.sum()), float(arr[0])) for r in job.results)
+        assert len(job.tasks) == 12, "one outcome per task"
+        assert (blobs / key[:2] / key).exists(), "on disk, from the Submit sent again"
+
+
+def test_a_buffer_is_written_behind_and_acknowledged_once_on_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``BlobStore.put_behind``: the buffer is served from memory at once, written by the
+    store's thread, and ``after_writes`` (the gateway's ``Submitted``) waits for the disk,
+    through failed writes."""
+    store = BlobStore(tmp_path)
+    buf = os.urandom(8 * MB)
+    digest = frame_digest(buf)
+    key = digest.hex()
+    (tmp_path / key[:2]).write_bytes(b"")  # where its directory goes: every write fails
+    written = threading.Event()
+    seen: list[bool] = []
+    try:
+        assert not store.put_behind(frame_digest(b"other").hex(), Payload(buf, (), (digest,)))
+        assert store.put_behind(key, Payload(buf, (), (digest,)))
+        assert bytes(store.get(key).data) == buf, "served from memory while it is written"
+        assert store.put_checked(key, Payload(buf, (), (digest,))), "a second copy: taken"
+        store.after_writes(lambda: (seen.append(store.path(key).exists()), written.set()))
+        wait_until(
+            lambda: any("could not write blob" in r.getMessage() for r in caplog.records),
+            what="a failed write",
+        )
+        assert store.writing() and not written.is_set(), "not acknowledged: not on disk"
+        (tmp_path / key[:2]).unlink()  # the disk is back
+        assert written.wait(DEADLINE_S) and seen == [True]
+        assert not store.writing()
+        assert bytes(store.get(key).data) == buf, "from its file now"
+        done: list[str] = []
+        store.after_writes(lambda: done.append(threading.current_thread().name))
+        assert done == [threading.current_thread().name], "nothing behind: at once"
+
+        again = os.urandom(5 * MB)
+        assert store.put_behind(
+            frame_digest(again).hex(), Payload(again, (), (frame_digest(again),))
+        )
+    finally:
+        store.close()
+    assert store.path(frame_digest(again).hex()).exists(), "closing writes what is behind"

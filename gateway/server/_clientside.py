@@ -18,6 +18,8 @@ Dataset secrets are accepted only by a secure gateway (``_secrets``).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +28,6 @@ from typing import Any
 
 from gateway.protocol import (
     AttachJob,
-    BlobReply,
     CancelJob,
     ClientHello,
     Codec,
@@ -49,7 +50,6 @@ from gateway.protocol import (
     LogsQuery,
     LogsReply,
     Outputs,
-    Payload,
     PutBlob,
     RunCell,
     StatsQuery,
@@ -62,6 +62,7 @@ from gateway.protocol import (
 )
 from gateway.server import _scheduler as sch
 from gateway.server._auth import REMOVED
+from gateway.server._blobdesk import BlobDesk
 from gateway.server._ingest import SLICE as INGEST_SLICE
 from gateway.server._ingest import Ingest
 from gateway.server._instructions import Executor
@@ -109,6 +110,8 @@ class ClientHandler:
         self.dashboard: Any = None  # the HTTP side (``_http.Dashboard``), set by the gateway
         self._later = later
         self.ingest = Ingest(store, later, self._ingested)  # big jobs, over several turns
+        grace_s = settings.timeouts.orphan_grace_s
+        self.blobs = BlobDesk(store.blobs, executor.known_blob, counters, later, grace_s)
 
     def handle(self, ident: bytes, msg_id: str, msg: Any, who: Principal = ANYONE) -> None:
         self._seen[ident] = time.monotonic()
@@ -145,7 +148,7 @@ class ClientHandler:
                     outputs = sorted(self._store.outputs(job_id, index), key=lambda o: o.index)
                     out.client(ident, LogsReply(tuple(outputs), msg_id))
             case PutBlob() | GetBlob():
-                out.client(ident, self.blob(msg_id, msg))
+                self.blobs.answer(msg_id, msg, lambda reply: self._outbox.client(ident, reply))
             case StatsQuery(job_id=job_id):
                 self._store.flush()
                 stats = job_stats(self._store, job_id, time.time())
@@ -178,25 +181,6 @@ class ClientHandler:
         """A message from a user removed since they connected: refused, with the reason."""
         self._outbox.client(ident, ErrorReply(msg_id, REMOVED, ErrorCode.UNKNOWN_USER))
 
-    def blob(self, msg_id: str, msg: PutBlob | GetBlob) -> BlobReply:
-        """Store or fetch a blob (functions, shipped files, result files) for any peer."""
-        if isinstance(msg, PutBlob):
-            self._counters["blob_puts"] += 1
-            ok, error = self._put_blob(msg.digest, msg.data)
-            return BlobReply(msg_id, msg.digest, ok, error=error)
-        known = self._executor.known_blob(msg.digest)
-        if known is not None:
-            return BlobReply(msg_id, msg.digest, True, known.data)
-        try:
-            return BlobReply(msg_id, msg.digest, True, self._store.blobs.get(msg.digest))
-        except FileNotFoundError:
-            return BlobReply(msg_id, msg.digest, False, error=f"no blob {msg.digest} here")
-
-    def _put_blob(self, digest: str, data: Payload) -> tuple[bool, str]:
-        if self._store.blobs.put_checked(digest, data):
-            return True, ""
-        return False, "content does not match digest"
-
     def _mine(self, ident: bytes, msg_id: str, job_id: str, who: Principal) -> bool:
         """Whether ``who`` may see job ``job_id`` (theirs, or they are the admin, or there is
         no such job: the caller says so). If not, the client is told, and nothing else."""
@@ -227,7 +211,7 @@ class ClientHandler:
                 )
             return
         for blob in msg.blobs:  # the functions, before any job that names them
-            ok, error = self._put_blob(blob.digest, blob.data)
+            ok, error = self.blobs.put(blob.digest, blob.data)
             if not ok:
                 self._outbox.client(ident, ErrorReply(msg_id, error, ErrorCode.BAD_REQUEST))
                 return
@@ -240,7 +224,10 @@ class ClientHandler:
             )
         for spec, args in zip(msg.jobs, msg.tasks, strict=True):
             if spec.job_id in self._registry.jobs or spec.job_id in stored:
-                continue  # a re-sent submit after a reconnect: already have it
+                # Sent again after a restart (it was not acknowledged): the job is here, and
+                # its client hears of it again (it sends no AttachJob for such a job).
+                self._attach(ident, msg_id, AttachJob(spec.job_id, replay_outputs=False), who)
+                continue
             if spec.job_id in self.ingest:
                 continue  # ...or being stored: acknowledged once it is
             if not self._settings.secure and has_secrets(spec):  # a client that did not check
@@ -252,8 +239,25 @@ class ClientHandler:
                 continue
             self._store.add_tasks(spec.job_id, args, 0, len(args))
             self._record(ident, spec, args, who.name, now, kept=len(args))
-        self._outbox.ack(ident, [s.job_id for s in msg.jobs if s.job_id not in self.ingest])
+        self._ack(ident, [s.job_id for s in msg.jobs if s.job_id not in self.ingest])
         self._counters["jobs_submitted"] += len(msg.jobs)
+
+    def _ack(self, ident: bytes, job_ids: list[str]) -> None:
+        """Acknowledge ``job_ids`` once every blob received so far is on disk (a blob the
+        jobs use may still be written behind: ``BlobStore.put_behind``)."""
+        if not self._store.blobs.writing():
+            self._outbox.ack(ident, job_ids)
+            return
+        loop = asyncio.get_running_loop()
+
+        def ack() -> None:
+            self._outbox.ack(ident, job_ids)
+
+        def written() -> None:  # on the blob writer's thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(self._later, ack, 0.0)
+
+        self._store.blobs.after_writes(written)
 
     def _record(
         self, ident: bytes, spec: JobSpec, args: Any, user: str, now: float, kept: int
@@ -269,7 +273,7 @@ class ClientHandler:
         """A big job whose tasks' rows are on disk: recorded, acknowledged, maybe cancelled."""
         now = time.monotonic()
         self._record(ident, spec, args, user, now, kept=ARGS_KEPT)
-        self._outbox.ack(ident, [spec.job_id])
+        self._ack(ident, [spec.job_id])
         if cancelled:
             self._executor.handle(sch.JobCancel(spec.job_id, now))
 

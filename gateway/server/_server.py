@@ -161,7 +161,7 @@ class Gateway:
             self.store,
             self.outbox,
             self._send_worker_ident,
-            self.clients.blob,
+            self.clients.blobs.answer,
             self.clients.answer_status_waiters,
             self.counters,
             self.monitor,

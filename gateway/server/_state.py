@@ -112,6 +112,7 @@ class StateStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT DEFAULT ''")
 
     def close(self) -> None:
+        self.blobs.close()
         self.flush()
         self._checkpointer.close()
         self._db.close()

@@ -62,7 +62,7 @@ class WorkerHandler:
         store: StateStore,
         outbox: Outbox,
         send_now: Callable[[bytes, Any], None],
-        blob: Callable[[str, PutBlob | GetBlob], BlobReply],
+        blob: Callable[[str, PutBlob | GetBlob, Callable[[BlobReply], None]], None],
         joined: Callable[[], None],
         counters: dict[str, int],
         monitor: Monitor | None = None,
@@ -131,11 +131,7 @@ class WorkerHandler:
                     if other != name:
                         self._outbox.worker(other, where)
             case PutBlob() | GetBlob():
-                reply = self._blob(msg_id, msg)
-                if w is not None and w.ident == ident:
-                    self._outbox.worker(name, reply)
-                else:
-                    self._send_now(ident, reply)
+                self._blob(msg_id, msg, lambda reply: self._blob_reply(name, ident, reply))
             case Goodbye(handed_back=handed_back, final=final):
                 self._executor.handle(sch.WorkerDraining(name, now, handed_back))
                 if final:
@@ -145,6 +141,15 @@ class WorkerHandler:
                     log.info("worker %s left", name)
                 else:
                     log.info("worker %s is draining", name)
+
+    def _blob_reply(self, name: str, ident: bytes, reply: BlobReply) -> None:
+        """A blob for the worker that asked: with its turn's messages if it is registered on
+        that connection, else at once (a worker saying hello again still gets it)."""
+        w = self._registry.workers.get(name)
+        if w is not None and w.ident == ident:
+            self._outbox.worker(name, reply)
+        else:
+            self._send_now(ident, reply)
 
     def removed(self, ident: bytes) -> None:
         """A message from a worker whose credentials were removed (``pilot user remove``): it
