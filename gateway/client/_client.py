@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from gateway.client._unacked import Unacked
 from gateway.protocol import (
     AttachJob,
     Blob,
@@ -105,8 +106,7 @@ class AsyncClient:
         self._sock: zmq.Socket[Any] | None = None
         self._drain: Drain | None = None
         self.jobs: dict[str, JobRecord] = {}
-        self._unacked: dict[str, tuple[JobSpec, tuple[Payload, ...]]] = {}
-        self._functions: dict[str, Payload] = {}  # digest -> payload, for unacked jobs
+        self._unacked = Unacked()  # jobs (and their functions) to send again after a restart
         self._blobs_sent: set[str] = set()  # function digests this gateway has from us
         self._outbox: list[tuple[JobSpec, tuple[Payload, ...]]] = []
         self._requests: dict[str, asyncio.Future[Any]] = {}
@@ -191,8 +191,7 @@ class AsyncClient:
         """Queue a job (``fn`` is the payload of ``spec.fn_digest``, None for a job without a
         function); it leaves with the other jobs queued in this loop turn."""
         self.jobs[spec.job_id] = job
-        if fn is not None:
-            self._functions[spec.fn_digest] = fn
+        self._unacked.queued(spec, fn)
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outbox.append((spec, args))
@@ -205,10 +204,10 @@ class AsyncClient:
         blobs: dict[str, Blob] = {}
         tasks = []
         for spec, args in batch:
-            self._unacked[spec.job_id] = (spec, args)
+            self._unacked.sent(spec, args)
             digest = spec.fn_digest
             if digest and digest not in self._blobs_sent and digest not in blobs:
-                blobs[digest] = Blob(digest, self._functions[digest])
+                blobs[digest] = Blob(digest, self._unacked.functions[digest])
             if spec.kind in (JobKind.CALL, JobKind.MAP):  # a task process loads the args
                 args = by_content(args, self._blobs_sent, blobs)
             tasks.append(args)
@@ -312,7 +311,7 @@ class AsyncClient:
                 self._welcome.set()
             case Submitted(job_ids=job_ids):
                 for job_id in job_ids:
-                    self._unacked.pop(job_id, None)
+                    self._unacked.acked(job_id)
             case TaskEvents(done=done, ended=ended):
                 for d in done:
                     job = self.jobs.get(d.job_id)
@@ -347,7 +346,7 @@ class AsyncClient:
             return
         job.on_event(msg)  # the record takes the spec and the state
         if msg.state.finished:
-            self._unacked.pop(msg.job_id, None)  # its end acknowledges its submit
+            self._unacked.acked(msg.job_id)  # its end acknowledges its submit
             if msg.spec is None:
                 self._forget(msg.job_id)
         fut = self._attaching.get(msg.job_id)
@@ -356,15 +355,13 @@ class AsyncClient:
 
     def _forget(self, job_id: str) -> None:
         """A finished job needs nothing more from this client (its record lives on with the
-        user): drop it, and its function unless an unacked job still needs it."""
+        user): drop it, and each function no job queued or unacked needs."""
         self.jobs.pop(job_id, None)
-        needed = {spec.fn_digest for spec, _ in self._unacked.values()}
-        for digest in [d for d in self._functions if d not in needed]:
-            del self._functions[digest]
+        self._unacked.drop_unused_functions()
 
     def _error(self, request_id: str, error: str, code: ErrorCode) -> None:
         if request_id in self._unacked:  # a refused submit (its request id is the job id)
-            del self._unacked[request_id]
+            self._unacked.acked(request_id)
             job = self.jobs.get(request_id)
             if job is not None:
                 job.on_event(JobUpdate(request_id, Status.FAILED, error))
@@ -387,7 +384,7 @@ class AsyncClient:
     def _gateway_restarted(self) -> None:
         log.warning("the gateway restarted: re-sending and re-attaching unfinished jobs")
         self._blobs_sent.clear()  # its blob store may be another one: send functions again
-        self._outbox[:0] = list(self._unacked.values())
+        self._outbox[:0] = list(self._unacked.jobs.values())
         for job in self.jobs.values():
             if not job.state.finished and job.id not in self._unacked:
                 self._send(AttachJob(job.id, replay_outputs=False, known=job.tasks.known()))
