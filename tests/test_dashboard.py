@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import http.cookiejar
+import itertools
 import json
 import os
 import re
@@ -31,6 +32,7 @@ import pytest
 import pilot
 from gateway.client import dashboard_link
 from gateway.protocol import Status
+from gateway.server._dash_feed import STORM_BATCHES, STORM_ROWS
 from tests_support import TEST_TIMEOUTS
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -53,6 +55,10 @@ CHROMIUM_ARGS = [
 HOSTILE = '<img src=x onerror="document.title=123">'
 UI_TIMEOUT_MS = 30_000  # a live update on a loaded 2-core machine
 JOB_TIMEOUT_S = 120.0
+
+
+def quick(x: int) -> int:
+    return x
 
 
 def slow_item(x: int) -> int:
@@ -360,6 +366,34 @@ def _mutations_over_four_batches(p: Any, element_id: str) -> list[str]:
         })""",
         element_id,
     )
+
+
+def test_in_a_storm_of_jobs_a_page_gets_an_update_a_second_then_four_again(
+    client: pilot.Client, page: Watched
+) -> None:
+    """Thousands of small jobs change the whole list every batch: the page then gets one
+    update a second (``STORM_BATCHES``), each the difference from what it last got, and four a
+    second once the storm is over."""
+    p = page.page
+    p.evaluate(
+        """() => { window.seen = []; const ws = S.ws, handle = ws.onmessage;
+            ws.onmessage = (m) => { const d = JSON.parse(m.data);
+                if (d.t === "delta") seen.push([d.b, Object.keys(d.jobs || {}).length]);
+                handle(m); }; }"""
+    )
+    jobs = [client.submit(quick, i) for i in range(3000)]
+    for job in jobs:
+        job.result(JOB_TIMEOUT_S)
+    p.wait_for_function(  # after the storm: four calm updates in a row
+        f"() => seen.length > 4 && seen.slice(-4).every(([, n]) => n <= {STORM_ROWS})"
+    )
+    seen = p.evaluate("() => seen")
+    pairs = list(itertools.pairwise(seen))
+    stormy = [(a, b) for a, b in pairs if a[1] > STORM_ROWS]
+    assert stormy, f"no update changed more than {STORM_ROWS} rows: {seen}"
+    assert all(b[0] - a[0] >= STORM_BATCHES for a, b in stormy), seen
+    assert [b[0] - a[0] for a, b in pairs[-3:]] == [1, 1, 1], f"calm again: {seen}"
+    assert p.locator(f'tr[data-job="{jobs[-1].id}"]').count() == 1, "the list caught up"
 
 
 def test_the_pool_and_the_gateway_pages(

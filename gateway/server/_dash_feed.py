@@ -10,15 +10,25 @@ points, frames, output text, failed tasks) of the job it looks at. A gateway run
 tasks a second costs the same few rows a batch; with no page open the feed does nothing and
 the monitor tells it nothing.
 
+In a storm of jobs (more than ``STORM_ROWS`` rows of a page's list changed in one batch: a
+burst of thousands of small jobs), that page gets its next update ``STORM_BATCHES`` batches
+later (a second) rather than at the next one: nobody reads a list that changes whole four
+times a second, and three real browsers re-laying it out that often took a third of this
+2-core machine from the gateway (``bench/dashboard.py --chromium``). The difference is made
+from what the page last got, so nothing is lost; the events of the job it looks at wait with
+the rest (``EVENTS_MAX``). A batch in which every page is held, or still writing, builds no
+snapshot at all.
+
 Each page sees its user's jobs only (all of them for the admin), and each job row says whether
 it is the viewer's own (``mine``: the page offers a cancel button on those only). A page whose
 previous message is still being written is skipped in that batch; it gets the difference from
 what it last received in the next one, so a slow browser never makes the gateway buffer more.
 
 Messages to the page (JSON): ``{"t": "snap", "who", "workers", "jobs", "gateway"}`` when it
-connects, then ``{"t": "delta", "workers": {name: row|null}, "jobs": {id: row|null},
-"gateway", "events": [...]}``, and ``{"t": "detail", ...}`` in answer to the page's
-``{"watch": JOB_ID}`` (``_dash_view.job_detail``: the job's kept outputs and failed tasks).
+connects, then ``{"t": "delta", "b": batch, "workers": {name: row|null}, "jobs": {id:
+row|null}, "gateway", "events": [...]}`` (``b`` counts the feed's batches), and ``{"t":
+"detail", ...}`` in answer to the page's ``{"watch": JOB_ID}`` (``_dash_view.job_detail``: the
+job's kept outputs and failed tasks).
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ FINISHED_SHOWN = 50  # finished jobs in the list
 GONE_SHOWN = 50  # workers that left or were lost, still listed as such
 PENDING_MAX = 20_000  # outputs kept between two batches; past it the oldest go
 EVENTS_MAX = 5_000  # events one page may have waiting (a page that reads slowly)
+STORM_ROWS = 50  # more rows than this changed in a page's list: a storm...
+STORM_BATCHES = 4  # ...and that page's next update comes this many batches later
 
 
 class FeedSocket(Authed, tornado.websocket.WebSocketHandler):
@@ -73,6 +85,7 @@ class FeedSocket(Authed, tornado.websocket.WebSocketHandler):
     sent_jobs: dict[str, Any]
     events: list[dict[str, Any]]
     synced: int
+    held_until: int
     writing: Any
 
     async def open(self, *args: str) -> None:
@@ -80,6 +93,7 @@ class FeedSocket(Authed, tornado.websocket.WebSocketHandler):
         self.watching = None
         self.sent_workers, self.sent_jobs, self.events = {}, {}, []
         self.synced = 0  # the batch this page last got (0: none yet)
+        self.held_until = 0  # no update before this batch (a storm: see the module docstring)
         self.writing = None
         self.ctx.feed.add(self)
 
@@ -96,6 +110,10 @@ class FeedSocket(Authed, tornado.websocket.WebSocketHandler):
 
     def busy(self) -> bool:
         return self.writing is not None and not self.writing.done()
+
+    def waits(self, batch: int) -> bool:
+        """Whether this page gets nothing in ``batch``: held by a storm, or still writing."""
+        return batch < self.held_until or self.busy()
 
     def send(self, body: dict[str, Any] | str) -> None:
         text = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
@@ -214,8 +232,6 @@ class Feed:
     def flush(self) -> None:
         """One batch: a snapshot, and to each page what changed for it (module docstring)."""
         self.batches += 1
-        workers, jobs, gateway = self._snapshot()
-        shared: dict[Any, tuple[str, dict[str, Any]]] = {}
         events: dict[str, list[dict[str, Any]]] = {}
         for out in self._pending:
             e = output_event(out)
@@ -226,31 +242,38 @@ class Feed:
             if not still_a_user(self._gw, sock.who):  # removed: their page is closed
                 sock.close(4001, "logged out")
                 self.remove(sock)
+            elif sock.watching is not None:
+                sock.events.extend(events.get(sock.watching, ()))
+                del sock.events[:-EVENTS_MAX]
+        if all(sock.waits(self.batches) for sock in self._sockets):
+            return  # no snapshot: nobody would get it
+        workers, jobs, gateway = self._snapshot()
+        shared: dict[Any, tuple[str, dict[str, Any], int]] = {}
+        for sock in list(self._sockets):
+            if sock.waits(self.batches):
                 continue
             if sock.watching is not None:
-                sock.events.extend(events.get(sock.watching, ()))
                 row, last = jobs.get(sock.watching), sock.sent_jobs.get(sock.watching)
                 if row is not None and last is not None and row["failed"] != last["failed"]:
                     self._gw.store.flush()
                     sock.events.append(_failed_event(self._gw, sock.watching))
-                del sock.events[:-EVENTS_MAX]
-            if sock.busy():
-                continue
             # Pages of one user that got the same batch last time get the same delta: it is
             # made and encoded once (three admins' pages cost one).
             key = (sock.who, sock.synced) if sock.synced and not sock.events else None
             if key is None or key not in shared:
                 mine = self._visible(sock, jobs)
-                delta: dict[str, Any] = {"t": "delta", "gateway": gateway}
+                delta: dict[str, Any] = {"t": "delta", "b": self.batches, "gateway": gateway}
                 if d := _diff(sock.sent_workers, workers):
                     delta["workers"] = d
                 if d := _diff(sock.sent_jobs, mine):
                     delta["jobs"] = d
+                held = STORM_BATCHES if len(d) > STORM_ROWS else 0
                 if sock.events:
                     delta["events"], sock.events = sock.events, []
-                made = shared[key] = (json.dumps(delta, separators=(",", ":")), mine)
-            text, mine = made if key is None else shared[key]
+                made = shared[key] = (json.dumps(delta, separators=(",", ":")), mine, held)
+            text, mine, held = made if key is None else shared[key]
             sock.sent_workers, sock.sent_jobs, sock.synced = workers, mine, self.batches
+            sock.held_until = self.batches + held
             sock.send(text)
 
     def _snapshot(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
