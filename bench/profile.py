@@ -49,6 +49,7 @@ KINDS = {  # a process's command line -> its kind
 }
 OURS = ("gateway/", "worker/", "pilot/", "pilot_magics/", "pilot_kernel/")
 TOP = 12  # functions per process kind in the table
+TIMEOUT_S = 1800.0  # the whole workload under py-spy
 
 
 def run_workload(workload: str, n: int) -> None:
@@ -103,8 +104,8 @@ def summarize(raw: Path, rate: int) -> dict[str, dict]:
         if not stack:
             continue
         frames = stack.split(";")
-        at = max(i for i, f in enumerate(frames) if f.startswith("process "))
-        kind = _kind(frames[at])
+        at = max((i for i, f in enumerate(frames) if f.startswith("process ")), default=-1)
+        kind = _kind(frames[at]) if at >= 0 else "client"
         rest = frames[at + 1 :]
         n = int(count)
         samples[kind] += n
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["-r", str(args.rate)]
         cmd += ["-o", str(raw), "--", sys.executable, __file__, "--run"]
         cmd += ["--workload", args.workload, "--n", str(n)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
         print("\n".join(ln for ln in done.stdout.splitlines() if not ln.startswith("py-spy>")))
         if done.returncode != 0 or not raw.exists():
             sys.exit(f"py-spy failed ({done.returncode}): {done.stderr.strip()[-2000:]}")

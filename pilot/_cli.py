@@ -25,6 +25,7 @@ from gateway.protocol import (
     GatewaySettings,
     NoGateway,
     PilotError,
+    Timeouts,
     WorkerSettings,
     default_home,
     new_key,
@@ -166,6 +167,7 @@ def _gateway(args: argparse.Namespace) -> int:
             args.bind,
         )
     http: int | None = None if args.http_port == "none" else int(args.http_port)
+    blob_wait_s = os.environ.get("PILOT_BLOB_WAIT_S")  # tests shorten it
     settings = GatewaySettings(
         state_dir=state,
         bind=args.bind,
@@ -176,6 +178,7 @@ def _gateway(args: argparse.Namespace) -> int:
         connection_file=args.connection_file or home / "connection.json",
         max_message_bytes=int(os.environ.get("PILOT_MAX_MESSAGE_BYTES", 1 << 30)),
         secure=secure,
+        timeouts=Timeouts(blob_wait_s=float(blob_wait_s)) if blob_wait_s else Timeouts(),
     )
 
     async def serve() -> None:

@@ -117,6 +117,9 @@ def test_the_blob_store_keeps_references_and_checks_keys(tmp_path: Path) -> None
     forged = frame_digest(b"other").hex()
     assert not store.put_checked(forged, Payload(buf, (), (digest,)))
     assert not store.path(forged).exists()
+    plain = store.put(Payload(b"stored by someone"))
+    assert not store.put_checked("ab" * 32, Payload(b"stored by someone"))  # a wrong digest
+    assert store.path(plain).exists(), "refusing a forged key leaves the stored content alone"
 
 
 @pytest.mark.system
@@ -142,7 +145,8 @@ def test_the_same_array_reaches_ten_tasks_but_the_gateway_once(
 
 @pytest.mark.system
 def test_a_buffer_the_gateway_lost_is_waited_for_then_fails_its_task_saying_so() -> None:
-    with pilot.LocalCluster(workers=1, timeouts=TEST_TIMEOUTS) as cluster:
+    wait = {"PILOT_BLOB_WAIT_S": "3"}  # the timeouts' blob_wait_s, 30 s by default
+    with pilot.LocalCluster(workers=1, timeouts=TEST_TIMEOUTS, env=wait) as cluster:
         first = cluster.client()
         arr = np.random.default_rng(2).random(2 * MB // 8)
         assert first.submit(total_and_first, arr, 0).result(60)[2] == 0
@@ -159,7 +163,7 @@ def test_a_buffer_the_gateway_lost_is_waited_for_then_fails_its_task_saying_so()
 
         lose_it()
         waiting = first.submit(total_and_first, arr, 1)
-        wait_until(  # the worker asked, and the gateway looks for it again (orphan_grace_s)
+        wait_until(  # the worker asked, and the gateway looks for it again (blob_wait_s)
             lambda: first.status().counters.get("blobs_awaited", 0) >= 1,
             what="the gateway to wait for the buffer it lacks",
         )
@@ -210,8 +214,8 @@ def test_a_buffer_is_written_behind_and_acknowledged_once_on_disk(
 ) -> None:
     """``BlobStore.put_behind``: the buffer is served from memory at once, written by the
     store's thread, and ``after_writes`` (the gateway's ``Submitted``) waits for the disk,
-    through failed writes."""
-    store = BlobStore(tmp_path)
+    through failed writes; past ``behind_max_bytes`` waiting, the store is full."""
+    store = BlobStore(tmp_path, behind_max_bytes=8 * MB)
     buf = os.urandom(8 * MB)
     digest = frame_digest(buf)
     key = digest.hex()
@@ -223,6 +227,11 @@ def test_a_buffer_is_written_behind_and_acknowledged_once_on_disk(
         assert store.put_behind(key, Payload(buf, (), (digest,)))
         assert bytes(store.get(key).data) == buf, "served from memory while it is written"
         assert store.put_checked(key, Payload(buf, (), (digest,))), "a second copy: taken"
+        assert store.full, "8 MB wait to be written: the gateway takes no new work"
+        other = os.urandom(MB)
+        assert not store.put_behind(
+            frame_digest(other).hex(), Payload(other, (), (frame_digest(other),))
+        )
         store.after_writes(lambda: (seen.append(store.path(key).exists()), written.set()))
         wait_until(
             lambda: any("could not write blob" in r.getMessage() for r in caplog.records),
@@ -231,7 +240,7 @@ def test_a_buffer_is_written_behind_and_acknowledged_once_on_disk(
         assert store.writing() and not written.is_set(), "not acknowledged: not on disk"
         (tmp_path / key[:2]).unlink()  # the disk is back
         assert written.wait(DEADLINE_S) and seen == [True]
-        assert not store.writing()
+        assert not store.writing() and not store.full
         assert bytes(store.get(key).data) == buf, "from its file now"
         done: list[str] = []
         store.after_writes(lambda: done.append(threading.current_thread().name))

@@ -36,3 +36,19 @@ def test_a_function_is_kept_while_a_queued_or_unacknowledged_job_uses_it() -> No
     kept.acked("c")
     kept.drop_unused_functions()
     assert kept.functions == {} and not kept.jobs
+
+
+def test_a_job_acknowledged_while_it_waits_to_be_sent_again_is_counted_again() -> None:
+    """After a restart the kept jobs are queued to go again; one acknowledged meanwhile (its
+    end arrived) and then sent is kept again, with its function."""
+    kept = Unacked()
+    f = Payload(b"f")
+    kept.queued(spec("a", "F"), f)
+    kept.sent(spec("a", "F"), ())
+    kept.acked("a")  # ...while a copy of it waits to be sent again
+    kept.sent(spec("a", "F"), ())
+    kept.drop_unused_functions()
+    assert kept.functions == {"F": f}, "its function stays while it is kept"
+    kept.acked("a")
+    kept.drop_unused_functions()
+    assert kept.functions == {}

@@ -34,7 +34,7 @@ __all__ = ["BLOB_FETCH_BASE_S", "BlobFetcher", "TaskHolds"]
 
 log = logging.getLogger("pilot.worker")
 
-BLOB_FETCH_BASE_S = 60.0  # the gateway answers a GetBlob at once; this is for one lost
+BLOB_FETCH_BASE_S = 60.0  # over the gateway's blob_wait_s (30 s): this is for one lost
 BLOB_FETCH_MIN_BYTES_PER_S = 10 * 2**20  # a large shipped file gets this much longer
 
 Waiter = Callable[[BlobReply], None]

@@ -25,7 +25,8 @@ class Unacked:
     def __init__(self) -> None:
         self.jobs: dict[str, tuple[JobSpec, tuple[Payload, ...]]] = {}
         self.functions: dict[str, Payload] = {}
-        self._users: Counter[str] = Counter()
+        self._users: Counter[str] = Counter()  # digest -> jobs queued or kept that use it
+        self._queued: set[str] = set()  # jobs counted, not sent yet
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self.jobs
@@ -35,9 +36,14 @@ class Unacked:
         if fn is not None:
             self.functions[spec.fn_digest] = fn
         self._users[spec.fn_digest] += 1
+        self._queued.add(spec.job_id)
 
     def sent(self, spec: JobSpec, args: tuple[Payload, ...]) -> None:
-        """A queued job left (or left again): kept until ``acked``."""
+        """A job left (or left again after a restart): kept until ``acked``."""
+        if spec.job_id in self._queued:
+            self._queued.discard(spec.job_id)  # counted when queued
+        elif spec.job_id not in self.jobs:  # acknowledged between a restart and this send
+            self._users[spec.fn_digest] += 1
         self.jobs[spec.job_id] = (spec, args)
 
     def acked(self, job_id: str) -> None:

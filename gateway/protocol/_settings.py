@@ -60,6 +60,9 @@ class Timeouts:
     request_s: float = 10.0  # a client request (status, submit ack) without an answer
     cancel_grace_s: float = 1.0  # SIGINT, then SIGKILL after this long
     orphan_grace_s: float = 5.0  # after a gateway restart: wait this long for workers to return
+    # a worker's GetBlob for a blob the gateway lacks waits this long for a client to send it
+    # again (after a restart, one whose Submit was not acknowledged); PILOT_BLOB_WAIT_S
+    blob_wait_s: float = 30.0
     stop_grace_s: float = 30.0  # a SIGTERM'd worker finishes running tasks for this long
     replay_window_s: float = 300.0  # messages older than this are refused
 

@@ -8,7 +8,10 @@ An argument's big buffer is written behind (``put_behind``): a thread of the sto
 while the gateway already hands it to a worker from memory, since writing 100 MB here took
 30-450 ms, most of the way from a client to its task. ``after_writes`` says when everything
 handed over so far is on disk: the gateway acknowledges a ``Submit`` only then, so a gateway
-killed meanwhile is sent the job and its blobs again by its client.
+killed meanwhile is sent the job and its blobs again by its client. A write that fails (a full
+disk) is tried again every ``RETRY_S``, and those queued behind it wait, in memory: past
+``BEHIND_MAX_BYTES`` of them the store is ``full``, and the gateway takes no new work
+(``StateStore.healthy``) until they are written.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = ["BlobStore", "known_key", "pack_payload", "unpack_payload", "write_ah
 
 _LEN = struct.Struct("<I")
 RETRY_S = 1.0  # a write behind that failed (a full disk?) is tried again this often
+BEHIND_MAX_BYTES = 1 << 30  # blobs waiting to be written, at most (then: ``full``)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ def _refs(pairs: Any) -> tuple[tuple[int, str], ...]:
 class BlobStore:
     """Content-addressed files under ``root``. ``put`` is idempotent."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, behind_max_bytes: int = BEHIND_MAX_BYTES) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         # written behind: what is not on disk yet, and who waits for it (see the docstring)
@@ -66,6 +70,8 @@ class BlobStore:
         self._waiters: list[tuple[int, Callable[[], None]]] = []
         self._writer: threading.Thread | None = None
         self._closing = threading.Event()
+        self.behind_max_bytes = behind_max_bytes
+        self._behind_bytes = 0
 
     def _path(self, digest: str) -> Path:
         return self.root / digest[:2] / digest
@@ -74,14 +80,8 @@ class BlobStore:
         """Store ``p``; return its digest, or store it under ``key`` (64 hex digits the caller
         derived from the content, e.g. from digests it already has) and return that. Writes to
         a temporary file, then renames."""
-        parts = [memoryview(p.data), *(memoryview(b).cast("B") for b in p.buffers)]
-        if key is None:
-            h = hashlib.sha256()
-            for part in parts:
-                h.update(part)
-            digest = h.hexdigest()
-        else:
-            digest = key
+        parts = _parts(p)
+        digest = key if key is not None else _sha256(parts)
         path = self._path(digest)
         if path.exists():
             return digest
@@ -108,10 +108,9 @@ class BlobStore:
         if known and len(known) == 1 and not p.buffers and known[0].hex() == digest:
             self.put(p, key=digest)
             return True
-        stored = self.put(p)
-        if stored != digest:
-            self._path(stored).unlink(missing_ok=True)
+        if _sha256(_parts(p)) != digest:  # hashed before writing: nothing stored is touched
             return False
+        self.put(p, key=digest)
         return True
 
     def put_behind(self, digest: str, p: Payload) -> bool:
@@ -123,7 +122,10 @@ class BlobStore:
         with self._lock:
             if digest in self._pending or self._path(digest).exists():
                 return True
+            if self._behind_bytes >= self.behind_max_bytes:
+                return False  # written now, by the caller
             self._pending[digest] = p
+            self._behind_bytes += p.nbytes
             self._queued += 1
             self._queue.put((self._queued, digest, p))
             if self._writer is None:
@@ -132,6 +134,12 @@ class BlobStore:
                 )
                 self._writer.start()
         return True
+
+    @property
+    def full(self) -> bool:
+        """Whether ``behind_max_bytes`` of blobs wait to be written (the disk is slow, or
+        failing)."""
+        return self._behind_bytes >= self.behind_max_bytes
 
     def writing(self) -> bool:
         """Whether a blob handed to ``put_behind`` is not on disk yet."""
@@ -149,22 +157,28 @@ class BlobStore:
     def _write_behind(self) -> None:  # the writer's thread
         while (item := self._queue.get()) is not None:
             seq, digest, p = item
-            while True:
-                try:
-                    self.put(p, key=digest)
-                    break
-                except Exception:
-                    log.exception("could not write blob %s; trying again", digest[:12])
-                    if self._closing.wait(RETRY_S):
-                        log.error("blob %s was not written: the gateway stopped", digest[:12])
-                        break
+            written = self._write(digest, p)
             with self._lock:
                 del self._pending[digest]
+                self._behind_bytes -= p.nbytes
                 self._written = seq
                 ready = [then for at, then in self._waiters if at <= seq]
                 self._waiters = [(at, then) for at, then in self._waiters if at > seq]
-            for then in ready:
-                then()
+            if written:  # else the gateway is stopping: nobody is told it is on disk
+                for then in ready:
+                    then()
+
+    def _write(self, digest: str, p: Payload) -> bool:
+        """Write one blob behind, trying again while it fails, unless the store is closing."""
+        while True:
+            try:
+                self.put(p, key=digest)
+                return True
+            except Exception:
+                log.exception("could not write blob %s; trying again", digest[:12])
+                if self._closing.wait(RETRY_S):
+                    log.error("blob %s was not written: the gateway stopped", digest[:12])
+                    return False
 
     def close(self) -> None:
         """Write what is still behind (one more try each, if the disk fails), then stop."""
@@ -197,6 +211,17 @@ class BlobStore:
 
     def path(self, digest: str) -> Path:
         return self._path(digest)
+
+
+def _parts(p: Payload) -> list[memoryview]:
+    return [memoryview(p.data), *(memoryview(b).cast("B") for b in p.buffers)]
+
+
+def _sha256(parts: list[memoryview]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
 
 
 def write_ahead(blobs: BlobStore, msg: Any) -> None:

@@ -110,8 +110,7 @@ class ClientHandler:
         self.dashboard: Any = None  # the HTTP side (``_http.Dashboard``), set by the gateway
         self._later = later
         self.ingest = Ingest(store, later, self._ingested)  # big jobs, over several turns
-        grace_s = settings.timeouts.orphan_grace_s
-        self.blobs = BlobDesk(store.blobs, executor.known_blob, counters, later, grace_s)
+        self.blobs = BlobDesk(store.blobs, executor.known_blob, counters, later)
 
     def handle(self, ident: bytes, msg_id: str, msg: Any, who: Principal = ANYONE) -> None:
         self._seen[ident] = time.monotonic()

@@ -7,9 +7,9 @@ a client message of at least ``BIG_BYTES`` is decoded on a thread, while the loo
 (the thread holds the GIL for one switch interval at a time), and is handled once decoded, in
 a turn of its own (``turn_later``).
 
-The thread also writes a decoded ``Submit``'s blobs to the blob store (``prepare``): a 100 MB
-argument takes the disk a few hundred milliseconds here, which the loop no longer waits for; the
-loop's own write then finds the file there.
+The thread also hands a decoded ``Submit``'s blobs to the blob store (``prepare``): an
+argument's buffer to be written behind (``BlobStore.put_behind``), anything else written now;
+the loop's own store then finds them, written or being written.
 
 Each client's messages are still handled in the order it sent them: while a client's big
 message is being decoded, its next messages wait here, and are handled right after it.

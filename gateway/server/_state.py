@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from gateway.protocol import (
-    ConfigError,
     JobInfo,
     JobSpec,
     Output,
@@ -34,6 +33,7 @@ from gateway.protocol import (
     unpack_record,
 )
 from gateway.server._blobs import BlobStore, known_key, pack_payload, unpack_payload
+from gateway.server._schema import prepare
 from gateway.server._secrets import for_disk
 from gateway.server._wal import Checkpointer, hold_state
 
@@ -43,27 +43,6 @@ log = logging.getLogger("pilot.gateway")
 
 KNOWN_JOBS_CHUNK = 900  # ids per query (SQLite allows 999 parameters by default)
 _JOB_RUNNING = "UPDATE jobs SET state=? WHERE id=? AND state=?"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, name TEXT, n_tasks INTEGER, spec BLOB, state INTEGER, error TEXT,
-    created REAL, finished REAL, done INTEGER DEFAULT 0, failed INTEGER DEFAULT 0,
-    owner TEXT DEFAULT '');
-CREATE TABLE IF NOT EXISTS tasks (
-    job_id TEXT, idx INTEGER, args BLOB, args_ref TEXT,
-    status INTEGER, value BLOB, value_ref TEXT, error TEXT, worker TEXT,
-    attempts INTEGER DEFAULT 0, duration_s REAL, finished REAL, item INTEGER,
-    PRIMARY KEY (job_id, idx)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS attempts (
-    job_id TEXT, idx INTEGER, attempt INTEGER, worker TEXT, status INTEGER, error TEXT,
-    assigned REAL, started REAL, finished REAL, PRIMARY KEY (job_id, idx, attempt))
-    WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outputs (
-    job_id TEXT, idx INTEGER, seq INTEGER PRIMARY KEY AUTOINCREMENT, record BLOB);
-CREATE INDEX IF NOT EXISTS outputs_by_task ON outputs (job_id, idx);
-DROP INDEX IF EXISTS jobs_by_state;
-CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created) WHERE state < 2;
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +65,7 @@ class StateStore:
             undo.callback(os.close, self._lock)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             undo.callback(self._db.close)
-            self._open(path)
+            prepare(self._db, path.parent)
             undo.pop_all()
         self._checkpointer = Checkpointer(path)
         self._pending: dict[str, list[tuple[Any, ...]]] = {}
@@ -94,22 +73,6 @@ class StateStore:
         # needs one write, not two (short jobs start and end within one turn)
         self._running: dict[str, None] = {}
         self._failure: sqlite3.Error | None = None  # the last commit's error, until one works
-
-    def _open(self, path: Path) -> None:
-        self._db.execute("PRAGMA page_size=1024")  # a commit logs whole pages; turns are small
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "spec" not in columns:
-            raise ConfigError(
-                f"The state in {path.parent} was written by an older Parallel Pilot (its jobs "
-                "table has no spec column): give this gateway another --state directory, or "
-                "remove that one once its jobs are no longer needed."
-            )
-        if "owner" not in columns:  # a state from before jobs had owners: the admin's
-            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT DEFAULT ''")
 
     def close(self) -> None:
         self.blobs.close()
@@ -125,8 +88,9 @@ class StateStore:
 
     @property
     def healthy(self) -> bool:
-        """False while the last commit failed (its rows wait in memory for the next one)."""
-        return self._failure is None
+        """False while the last commit failed (its rows wait in memory for the next one), or
+        too many blobs wait to be written (``BlobStore.full``)."""
+        return self._failure is None and not self.blobs.full
 
     def flush(self) -> bool:
         """Commit everything buffered in one transaction. Returns True when everything written

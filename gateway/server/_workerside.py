@@ -62,7 +62,7 @@ class WorkerHandler:
         store: StateStore,
         outbox: Outbox,
         send_now: Callable[[bytes, Any], None],
-        blob: Callable[[str, PutBlob | GetBlob, Callable[[BlobReply], None]], None],
+        blob: Callable[[str, PutBlob | GetBlob, Callable[[BlobReply], None], float], None],
         joined: Callable[[], None],
         counters: dict[str, int],
         monitor: Monitor | None = None,
@@ -131,7 +131,8 @@ class WorkerHandler:
                     if other != name:
                         self._outbox.worker(other, where)
             case PutBlob() | GetBlob():
-                self._blob(msg_id, msg, lambda reply: self._blob_reply(name, ident, reply))
+                wait_s = self._settings.timeouts.blob_wait_s
+                self._blob(msg_id, msg, lambda r: self._blob_reply(name, ident, r), wait_s)
             case Goodbye(handed_back=handed_back, final=final):
                 self._executor.handle(sch.WorkerDraining(name, now, handed_back))
                 if final:
