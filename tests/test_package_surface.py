@@ -238,3 +238,14 @@ def test_no_module_is_too_long() -> None:
         f"Modules over {MAX_MODULE_LINES} lines (STYLE.md: one concept per module, under ~400); "
         f"split them by concept:\n" + "\n".join(too_long) + f"\nThe largest: {largest}"
     )
+
+
+def test_no_script_shadows_a_standard_module() -> None:
+    """A script run as ``python bench/x.py`` puts its folder first on ``sys.path``: a
+    ``bench/profile.py`` made ``import profile`` (torch imports ``cProfile``) find it, and
+    torchrun's ranks in ``bench/train.py`` failed."""
+    import sys
+
+    scripts = [*ROOT.glob("bench/*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("examples/*.py")]
+    shadowing = [str(p.relative_to(ROOT)) for p in scripts if p.stem in sys.stdlib_module_names]
+    assert not shadowing, f"rename these, they hide a standard module: {shadowing}"

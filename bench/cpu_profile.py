@@ -17,8 +17,8 @@ Workloads:
 - ``roundtrip``: ``--n`` no-op ``submit``s one after the other, each waited for;
 - ``big``: ``--n`` tasks each given a new 100 MB numpy array.
 
-    .venv/bin/python bench/profile.py                      # noop, 20,000 jobs
-    .venv/bin/python bench/profile.py --workload big --n 6 --out big.json
+    .venv/bin/python bench/cpu_profile.py                      # noop, 20,000 jobs
+    .venv/bin/python bench/cpu_profile.py --workload big --n 6 --out big.json
 
 py-spy comes with the ``bench`` extra (``pip install -e .[bench]``); it needs to be allowed to
 read other processes' memory (root, or ``kernel.yama.ptrace_scope`` 0 for its children).
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", choices=["noop", "roundtrip", "big"], default="noop")
     ap.add_argument("--n", type=int, help="jobs (default: noop 20000, roundtrip 3000, big 6)")
     ap.add_argument("--rate", type=int, default=100, help="samples a second")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_profile.json"))
     ap.add_argument("--run", action="store_true", help=argparse.SUPPRESS)  # under py-spy
     args = ap.parse_args(argv)
     n = args.n or {"noop": 20_000, "roundtrip": 3_000, "big": 6}[args.workload]
