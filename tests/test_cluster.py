@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import pilot
-from gateway.protocol import Output, OutputKind, Status
+from gateway.protocol import Output, OutputKind, Status, TaskDone
 
 pytestmark = pytest.mark.system
 
@@ -147,6 +147,20 @@ def test_cancel_interrupts_running_and_drops_queued(client: pilot.Client) -> Non
     with pytest.raises(pilot.JobCancelled):
         job.wait(5)  # a deadline for the cancel to land, not a timing assertion
     assert client.submit(square, 6).result(30) == 36, "workers are free again"
+
+
+def test_jobs_lists_a_running_jobs_progress(client: pilot.Client) -> None:
+    """``client.jobs()`` (``pilot jobs``) reads the stored rows, whose counts are written at
+    a job's end: a running job's row carries its live progress."""
+    job = client.map(announces_then_sleeps, [0] * 2 + [60] * 2, chunk=1)
+    next(ev for ev in job.events() if isinstance(ev, TaskDone))
+    (row,) = [j for j in client.jobs() if j.job_id == job.id]
+    assert row.state == Status.RUNNING and row.done >= 1 and row.n_tasks == 4, row
+    job.cancel()
+    with pytest.raises(pilot.JobCancelled):
+        job.wait(30)  # a deadline for the cancel to land, not a timing assertion
+    (row,) = [j for j in client.jobs() if j.job_id == job.id]
+    assert row.state == Status.CANCELLED and row.done >= 2, row
 
 
 def ignores_sigint() -> None:

@@ -42,7 +42,6 @@ from gateway.protocol import (
     InputReply,
     InterruptTask,
     JobInfo,
-    JobKind,
     JobSpec,
     JobsQuery,
     JobsReply,
@@ -69,6 +68,7 @@ from gateway.server._instructions import Executor
 from gateway.server._outbox import Outbox
 from gateway.server._registry import ARGS_KEPT, JobRecord, Registry
 from gateway.server._replay import replay
+from gateway.server._sched_events import job_added
 from gateway.server._secrets import has_secrets
 from gateway.server._state import StateStore
 from gateway.server._stats import job_stats
@@ -136,7 +136,7 @@ class ClientHandler:
                 self.answer_status_waiters()
             case JobsQuery(limit=limit):
                 jobs = self._store.jobs(limit, owner=None if who.admin else who.name)
-                out.client(ident, JobsReply(tuple(jobs), msg_id))
+                out.client(ident, JobsReply(tuple(map(self._live, jobs)), msg_id))
             case LogsQuery(job_id=job_id, index=index):
                 self._store.flush()
                 if self._store.job_spec(job_id) is None and job_id not in self._registry.jobs:
@@ -348,6 +348,15 @@ class ClientHandler:
             )
         return StatusReply(self._gateway_id, workers, tuple(jobs), self.counters(), request_id)
 
+    def _live(self, info: JobInfo) -> JobInfo:
+        """A stored job row with a live job's progress (its row counts what is done only at
+        its end)."""
+        if info.job_id not in self._scheduler.jobs:
+            return info
+        state, done, failed = self._scheduler.job_progress(info.job_id)
+        queued = self._scheduler.job_queued(info.job_id)
+        return replace(info, state=state, done=done, failed=failed, queued=queued)
+
     def counters(self) -> dict[str, int]:
         """The gateway's counters, with each codec's refused messages by reason."""
         counters = dict(self._counters)
@@ -369,28 +378,6 @@ class ClientHandler:
             if now - self._seen.get(job.owner, now) > deadline:
                 log.info("lease of job %s expired: its client went silent", job_id)
                 self._executor.handle(sch.JobCancel(job_id, now))
-
-
-def job_added(spec: JobSpec, now: float, settings: GatewaySettings, **recovery: Any) -> Any:
-    """The scheduler's ``JobAdded`` for ``spec`` (``recovery``: settled tasks and orphans of a
-    job resumed after a restart)."""
-    train = spec.train
-    return sch.JobAdded(
-        spec.job_id,
-        spec.n_tasks,
-        spec.resources,
-        now,
-        spec.timeout_s,
-        settings.policy.retries_for(spec.retries),
-        data_keys=spec.data_keys,
-        family=spec.fn_digest,
-        retry_errors=spec.retry_errors,
-        long_tasks=spec.kind == JobKind.RENDER,
-        gang=spec.kind == JobKind.DDP,
-        min_tasks=train.min_ranks if train is not None else 0,
-        restarts=train.restarts if train is not None else 0,
-        **recovery,
-    )
 
 
 def _not_found(msg_id: str, job_id: str) -> ErrorReply:

@@ -13,9 +13,9 @@ import logging
 import time
 
 from gateway.protocol import GatewaySettings, JobKind, Status, TaskAttempt
-from gateway.server._clientside import job_added
 from gateway.server._instructions import Executor
 from gateway.server._registry import JobRecord, Registry
+from gateway.server._sched_events import job_added
 from gateway.server._secrets import LOST_SECRETS, lost_secrets
 from gateway.server._state import StateStore
 

@@ -6,8 +6,17 @@ Plain frozen dataclasses; every event carries ``now`` (the clock is the caller's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from gateway.protocol import Resources, Status, TaskAttempt, TaskStatus
+from gateway.protocol import (
+    GatewaySettings,
+    JobKind,
+    JobSpec,
+    Resources,
+    Status,
+    TaskAttempt,
+    TaskStatus,
+)
 
 # -- events -----------------------------------------------------------------------------------
 
@@ -215,3 +224,25 @@ Instruction = (
     | Unschedulable
     | WorkerGone
 )
+
+
+def job_added(spec: JobSpec, now: float, settings: GatewaySettings, **recovery: Any) -> JobAdded:
+    """The scheduler's ``JobAdded`` for ``spec`` (``recovery``: settled tasks and orphans of a
+    job resumed after a restart)."""
+    train = spec.train
+    return JobAdded(
+        spec.job_id,
+        spec.n_tasks,
+        spec.resources,
+        now,
+        spec.timeout_s,
+        settings.policy.retries_for(spec.retries),
+        data_keys=spec.data_keys,
+        family=spec.fn_digest,
+        retry_errors=spec.retry_errors,
+        long_tasks=spec.kind == JobKind.RENDER,
+        gang=spec.kind == JobKind.DDP,
+        min_tasks=train.min_ranks if train is not None else 0,
+        restarts=train.restarts if train is not None else 0,
+        **recovery,
+    )
