@@ -155,9 +155,10 @@ class BlobStore:
         then()
 
     def _write_behind(self) -> None:  # the writer's thread
+        written = True  # every blob so far (one abandoned at close: none after it counts)
         while (item := self._queue.get()) is not None:
             seq, digest, p = item
-            written = self._write(digest, p)
+            written = self._write(digest, p) and written
             with self._lock:
                 del self._pending[digest]
                 self._behind_bytes -= p.nbytes
