@@ -39,8 +39,10 @@ def test_commits_on_the_loop_never_checkpoint_and_the_thread_does(tmp_path: Path
         # The rows reach the database file only through a checkpoint, and the loop's
         # connection runs none: the thread's did.
         wait_until(
-            lambda: store._checkpointer.checkpoints >= 1
-            and db.stat().st_size > empty + ROWS * ROW_BYTES // 2,
+            lambda: (
+                store._checkpointer.checkpoints >= 1
+                and db.stat().st_size > empty + ROWS * ROW_BYTES // 2
+            ),
             what="the checkpointer copies the log into the database",
         )
     finally:
@@ -53,7 +55,7 @@ def test_a_second_store_on_the_same_state_is_refused_until_the_first_closes(
     tmp_path: Path,
 ) -> None:
     first = _store(tmp_path)
-    with pytest.raises(ConfigError, match="in use by another gateway.*another --state"):
+    with pytest.raises(ConfigError, match=r"in use by another gateway.*another --state"):
         _store(tmp_path)
     first.close()
     _store(tmp_path).close()

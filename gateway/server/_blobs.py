@@ -104,8 +104,7 @@ class BlobStore:
         with self._lock:
             if digest in self._pending:  # taken by ``put_behind``, which checked it
                 return True
-        known = p.digests
-        if known and len(known) == 1 and not p.buffers and known[0].hex() == digest:
+        if _verified(p, digest):
             self.put(p, key=digest)
             return True
         if _sha256(_parts(p)) != digest:  # hashed before writing: nothing stored is touched
@@ -116,8 +115,7 @@ class BlobStore:
     def put_behind(self, digest: str, p: Payload) -> bool:
         """Take ``p`` to be written behind under ``digest``, if that is the BLAKE3 of its one
         frame that the codec verified; False (nothing taken) otherwise. Any thread."""
-        known = p.digests
-        if not (known and len(known) == 1 and not p.buffers and known[0].hex() == digest):
+        if not _verified(p, digest):
             return False
         with self._lock:
             if digest in self._pending or self._path(digest).exists():
@@ -212,6 +210,12 @@ class BlobStore:
 
     def path(self, digest: str) -> Path:
         return self._path(digest)
+
+
+def _verified(p: Payload, digest: str) -> bool:
+    """Whether ``digest`` is the BLAKE3 of ``p``'s one frame, as the codec verified it."""
+    known = p.digests
+    return bool(known) and len(known) == 1 and not p.buffers and known[0].hex() == digest
 
 
 def _parts(p: Payload) -> list[memoryview]:

@@ -13,11 +13,11 @@ the monitor tells it nothing.
 In a storm of jobs (more than ``STORM_ROWS`` rows of a page's list changed in one batch: a
 burst of thousands of small jobs), that page gets its next update ``STORM_BATCHES`` batches
 later (a second) rather than at the next one: nobody reads a list that changes whole four
-times a second, and three real browsers re-laying it out that often took a third of this
-2-core machine from the gateway (``bench/dashboard.py --chromium``). The difference is made
-from what the page last got, so nothing is lost; the events of the job it looks at wait with
-the rest (``EVENTS_MAX``). A batch in which every page is held, or still writing, builds no
-snapshot at all.
+times a second, and a page need not lay it out that often (``bench/dashboard.py --chromium``
+did not show a measurable gain on the gateway's own 2 cores, see docs/dashboard.md). The
+difference is made from what the page last got, so nothing is lost; the events of the job it
+looks at wait with the rest (``EVENTS_MAX``). A batch in which every page is held, or still
+writing, builds no snapshot at all.
 
 Each page sees its user's jobs only (all of them for the admin), and each job row says whether
 it is the viewer's own (``mine``: the page offers a cancel button on those only). A page whose
