@@ -81,6 +81,20 @@ def test_output_latency_script_writes_table_and_json(tmp_path: Path) -> None:
         assert r["lines"] == 40 and 0 < r["median_ms"] <= r["worst_line_ms"], r
 
 
+@pytest.mark.timeout(180)
+def test_worker_memory_script_counts_one_shared_copy_of_an_array(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    script = str(ROOT / "bench" / "worker_memory.py")
+    args = ["--mb", "40", "--slots", "2", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=170
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "copies of the array" in done.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert 0.5 < run["copies"] < 1.9, f"two task processes held {run['copies']:.2f} copies"
+
+
 @pytest.mark.timeout(300)
 def test_million_script_restarts_the_gateway_halfway_and_loses_nothing(tmp_path: Path) -> None:
     """bench/million.py at a small size: its figures exist, and the job whose gateway was

@@ -50,11 +50,12 @@ TEXT = DOC.read_text()
 
 # Which modules hold each side's handlers; the worker's own modules exclude those of the
 # task and session processes, which are sides of their own.
+TASK_PROCESS = ("worker._child", "worker._loader")
 SIDES: dict[str, Callable[[str], bool]] = {
     "client": lambda m: m.startswith("gateway.client."),
     "gateway": lambda m: m.startswith("gateway.server."),
-    "worker": lambda m: m.startswith("worker.") and m not in ("worker._child", "worker._session"),
-    "task process": lambda m: m == "worker._child",
+    "worker": lambda m: m.startswith("worker.") and m not in (*TASK_PROCESS, "worker._session"),
+    "task process": lambda m: m in TASK_PROCESS,
     "session process": lambda m: m == "worker._session",
 }
 ENUMS: tuple[type[enum.IntEnum], ...] = (Status, TaskStatus, JobKind, OutputKind, ErrorCode)

@@ -145,7 +145,7 @@ async def test_a_cancelled_held_task_is_not_released(tmp_path: Path) -> None:
     holds.admit(task)
     assert holds.drop({("job", 0, 1)}) == [task]
     fetcher.arrived(BlobReply("", "f" * 64, True, Payload(b"fn")))
-    assert "f" * 64 in fetcher._cache, "the blob is kept for the next task"
+    assert "f" * 64 in fetcher.cache, "the blob is kept for the next task"
 
 
 @on_a_loop

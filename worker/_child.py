@@ -26,10 +26,9 @@ Task kinds (``Assignment.kind``):
   tuple of frames stored. The Blender to use is the worker's (``PILOT_BLENDER_PATH`` and
   ``PILOT_BLENDER_VERSION``, set by the worker: none when unset).
 
-Functions and arguments' big buffers (``Payload.refs``) travel as blobs named by digest. This
-process keeps the last ``FUNCTION_CACHE`` functions it loaded and ``BUFFER_CACHE_BYTES`` of
-buffers; for one it lacks it asks its worker (``GetBlob``) and waits up to ``FUNCTION_WAIT_S``,
-keeping other messages for after. One it cannot get fails the task as UNPICKLABLE.
+Functions and arguments' big buffers (``Payload.refs``) travel as blobs named by digest; the
+``worker._loader.Loader`` keeps them, asks the worker for one it lacks, and maps a big buffer
+from the worker's shared memory. One it cannot get fails the task as UNPICKLABLE.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict, deque
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +52,13 @@ from gateway.protocol import (
     BlobReply,
     CellFunction,
     Codec,
-    GetBlob,
     Goodbye,
     Heartbeat,
     JobKind,
     Outputs,
     Payload,
     PutBlob,
+    SharedBlob,
     TaskResult,
     TaskResults,
     dumps,
@@ -71,19 +70,14 @@ from gateway.protocol import (
 )
 from gateway.protocol import TaskStatus as S
 from worker._blender import BlenderInfo
-from worker._blobcache import BlobCache
 from worker._capture import OUTPUT_BUDGET_BYTES, Capture
 from worker._control import Control
 from worker._display import install_display_on_import
+from worker._loader import Loader, Unavailable
 from worker._orphan import die_with_parent, parent_gone
 from worker._render_task import render_task
 from worker._taskdata import TaskFiles
 
-FUNCTION_CACHE = 64  # functions kept loaded, by digest
-BUFFER_CACHE_BYTES = 512 * 2**20  # arguments' big buffers kept (read-only), by key
-# A function asked of the worker: longer than the worker's own fetch from the gateway
-# (``worker._fetch.BLOB_FETCH_BASE_S``), whose clearer error should come first.
-FUNCTION_WAIT_S = 90.0
 PARENT_CHECK_S = 1.0  # while idle, how often to check that the worker is still there
 RESULT_OVERHEAD_BYTES = 64 * 1024  # a result's message besides its value (ids, error text)
 # Frames of ours that the user should not see in a task's traceback.
@@ -124,9 +118,8 @@ class _TaskProcess:
         os.set_blocking(self._wake_w, False)
         self._control = Control(control)
         self.capture = Capture(self._emit, self._emit_results, budget_bytes=budget)
-        self._fns: OrderedDict[str, Any] = OrderedDict()
-        self._buffers = BlobCache(BUFFER_CACHE_BYTES)
         self._inbox: deque[Any] = deque()  # what came while a function was awaited
+        self._loader = Loader(self._send, self._recv_msg, self._inbox)
         self._files = TaskFiles(files[0], files[1], self._put_blob)
         self._blender = blender  # render tasks: the worker's Blender, or None
         self._seq = 0  # tasks received so far (the worker counts the same way)
@@ -147,6 +140,10 @@ class _TaskProcess:
         frames = self._recv()
         assert frames is not None
         return self._codec.decode(frames).msg
+
+    def _recv_msg(self, timeout_s: float) -> Any | None:
+        frames = self._recv(timeout_s)
+        return None if frames is None else self._codec.decode(frames).msg
 
     def _recv(self, timeout_s: float | None = None) -> list[zmq.Frame] | None:
         """The next message's frames; blocks, or None after ``timeout_s``. The worker gone
@@ -205,7 +202,7 @@ class _TaskProcess:
                     self._run_batch(tasks)
                 case Goodbye():
                     return
-                case BlobReply():  # the late answer to a wait that gave up
+                case BlobReply() | SharedBlob():  # the late answer to a wait that gave up
                     pass
 
     def _run_batch(self, tasks: tuple[Any, ...]) -> None:
@@ -232,9 +229,9 @@ class _TaskProcess:
         if a.kind == JobKind.RENDER:
             return self._render(a, seq, t0)
         try:
-            fn = self._function(a.fn_digest)
-            args = loads(with_buffers(a.args, self._buffer))
-        except _FunctionUnavailable as exc:
+            fn = self._loader.function(a.fn_digest)
+            args = loads(with_buffers(a.args, self._loader.buffer))
+        except Unavailable as exc:
             return self._fail(a, S.UNPICKLABLE, str(exc), t0, show_tb=False)
         except Exception:
             return self._fail(a, S.UNPICKLABLE, "Could not load the task on the worker", t0)
@@ -311,57 +308,6 @@ class _TaskProcess:
         self.capture.drain()
         self.capture.label = ("", -1, -1)
         return TaskResult(a.job_id, a.index, a.attempt, status, None, text, _since(t0), item)
-
-    def _function(self, digest: str) -> Any:
-        """The function whose blob is ``digest``, loaded (and kept). Raises
-        ``_FunctionUnavailable``, or what unpickling it raises."""
-        found = self._fns.get(digest)
-        if found is not None:
-            self._fns.move_to_end(digest)
-            return found
-        found = self._fns[digest] = loads(self._fetch(digest))
-        if len(self._fns) > FUNCTION_CACHE:
-            self._fns.popitem(last=False)
-        return found
-
-    def _buffer(self, key: str) -> Any:
-        """An argument's buffer that travelled as a blob: kept here, or asked of the worker."""
-        if (found := self._buffers.get(key)) is None:
-            self._buffers.put(key, found := self._fetch(key, "argument's buffer"))
-        return found.data
-
-    def _fetch(self, digest: str, what: str = "function") -> Payload:
-        """Ask the worker for a function's blob and wait for it, up to ``FUNCTION_WAIT_S``.
-        Other messages that arrive meanwhile are kept for ``_next``."""
-        self._send(GetBlob(digest))
-        deadline = time.monotonic() + FUNCTION_WAIT_S
-        while True:
-            frames = self._recv(max(0.0, deadline - time.monotonic()))
-            if frames is None:
-                raise _FunctionUnavailable(
-                    f"The worker did not send the task's {what} (blob {digest[:12]}) within "
-                    f"{FUNCTION_WAIT_S:.0f}s."
-                )
-            msg = self._codec.decode(frames).msg
-            match msg:
-                case BlobReply(digest=got, ok=ok, data=data, error=error) if got == digest:
-                    if ok and data is not None:
-                        return data
-                    raise _FunctionUnavailable(
-                        f"The task's {what} (blob {digest[:12]}) is not on this worker and "
-                        f"could not be had from the gateway: {error}"
-                    )
-                case BlobReply():  # the late answer to an earlier wait that gave up
-                    pass
-                case Goodbye():  # the worker is closing: it answers nothing more
-                    self._inbox.append(msg)
-                    raise _FunctionUnavailable("The worker closed while the task was loading.")
-                case _:
-                    self._inbox.append(msg)
-
-
-class _FunctionUnavailable(LookupError):
-    """The task's function could not be had from the worker."""
 
 
 def _since(t0: float) -> float:

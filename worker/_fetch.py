@@ -56,17 +56,17 @@ class BlobFetcher:
 
     def __init__(self, send: Callable[[Any], None], cache: BlobCache, files_dir: Path) -> None:
         self._send = send
-        self._cache = cache
+        self.cache = cache
         self._files_dir = files_dir
         self._fetches: dict[str, _Fetch] = {}
 
     def has_function(self, digest: str) -> bool:
-        return digest in self._cache
+        return digest in self.cache
 
     def function(self, digest: str, then: Waiter) -> None:
         """Call ``then`` with a function's blob (or an argument's buffer): at once when
         cached, else once fetched."""
-        payload = self._cache.get(digest)
+        payload = self.cache.get(digest)
         if payload is not None:
             then(BlobReply("", digest, True, payload))
             return
@@ -101,7 +101,7 @@ class BlobFetcher:
             f.timer.cancel()
         if reply.ok and reply.data is not None:
             if f.to_cache:
-                self._cache.put(reply.digest, reply.data)
+                self.cache.put(reply.digest, reply.data)
             if f.to_disk:
                 try:
                     store(self._files_dir, reply.digest, reply.data)

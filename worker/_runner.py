@@ -12,8 +12,9 @@ The worker hands it every assignment (``assign``). The runner:
   (their function's mean duration here is under ``policy.short_task_s``, with no timeout, one
   slot, no GPU), as many as run in about ``policy.batch_budget_s``, keeping some back for the
   next process to free up: each hop then carries many tasks per message;
-- answers a task process's ``GetBlob`` (a function it has not loaded) from the worker's blob
-  cache, which the gateway refills if it was evicted;
+- answers a task process's ``GetBlob`` (a function it has not loaded, an argument's big
+  buffer) from the worker's blob cache, which the gateway refills if it was evicted; a big
+  buffer asked with ``shared`` through shared memory (``worker._shared``);
 - turns what the processes say into ``Reports``: outputs, a start per task handed out, each
   result; a result file (``PutBlob``) goes to the gateway at once through ``forward``, ahead
   of its task's result;
@@ -57,6 +58,7 @@ from gateway.protocol import (
 from worker._fetch import BlobFetcher, TaskHolds
 from worker._pool import Child, TaskPool
 from worker._reports import Reports
+from worker._shared import SharedBuffers
 
 __all__ = ["Durations", "TaskRunner"]
 
@@ -116,6 +118,7 @@ class TaskRunner:
         )
         self._reports = reports
         self._fetcher = fetcher
+        self._shared = SharedBuffers(fetcher.cache)
         self._forward = forward
         self._start_session = start_session
         self._start_rank = start_rank
@@ -150,6 +153,7 @@ class TaskRunner:
     async def close(self) -> None:
         self.draining = True
         await self.pool.close()
+        self._shared.close()
 
     # -- what the worker holds ------------------------------------------------------------
 
@@ -243,8 +247,12 @@ class TaskRunner:
                     self._finish(child, r)
             case PutBlob():  # a result file: to the gateway now, ahead of the task's result
                 self._forward(msg)
-            case GetBlob(digest=digest):  # a function this process has not loaded
+            case GetBlob(digest=digest, shared=False):  # a function this process lacks
                 self._fetcher.function(digest, lambda reply: self.pool.send(ident, reply))
+            case GetBlob(digest=digest):  # an argument's buffer: through shared memory
+                self._fetcher.function(
+                    digest, lambda reply: self.pool.send(ident, self._shared.answer(reply))
+                )
 
     def _finish(self, child: Child, result: TaskResult) -> None:
         """A result from ``child``: results come in the order its tasks were sent."""

@@ -68,6 +68,7 @@ __all__ = [
     "Resources",
     "RunCell",
     "SessionReady",
+    "SharedBlob",
     "ShippedFile",
     "Status",
     "StatusQuery",
@@ -687,9 +688,12 @@ class PutBlob:
 
 @dataclass(frozen=True, slots=True)
 class GetBlob:
-    """Ask for a stored blob. Answered with ``BlobReply``."""
+    """Ask for a stored blob. Answered with ``BlobReply``. ``shared``: the asker is a task
+    process on its worker's host, which may answer an argument's big buffer with a
+    ``SharedBlob`` instead (the gateway ignores it)."""
 
     digest: str
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,3 +703,15 @@ class BlobReply:
     ok: bool
     data: Payload | None = None
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedBlob:
+    """A worker's answer to its task process's ``GetBlob(shared=True)`` for an argument's big
+    buffer: its ``nbytes`` bytes are in a sealed memfd, descriptor ``fd`` of process ``pid``,
+    which the task process maps read-only instead of receiving a copy (``worker._shared``)."""
+
+    digest: str
+    pid: int
+    fd: int
+    nbytes: int
