@@ -70,29 +70,25 @@ Needs ``blender`` on PATH (or ``--blender``); JSON goes to ``bench/results/rende
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import os
 import platform
-import re
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: import the bench package by its name
     sys.path.insert(0, str(ROOT))
 
 import pilot  # noqa: E402
+from bench._blender_plain import make_scene, plain_run  # noqa: E402
+from bench._render_watch import ClusterCpu, FrameFileWatcher  # noqa: E402
 from bench._table import print_table, write_json  # noqa: E402
 from gateway.protocol import JobUpdate, Output, OutputKind, Status  # noqa: E402
 
@@ -102,210 +98,13 @@ SIZE_PX = 128
 SAMPLES = 384  # about 0.4 s a frame on one idle thread (0.26 s at 256 samples)
 CHUNK = 24
 WORKERS = 2
-# The frame-folder watcher's period. A frame's time is its file's mtime, so this only has to
-# catch the file before its chunk ends and removes the folder; each poll costs this process
-# (which shares the 2 cores with the Blenders being timed) a glob and a stat per frame.
-POLL_S = 0.05
-SCENE_TIMEOUT_S = 120.0
-PLAIN_TIMEOUT_S = 600.0
 RENDER_TIMEOUT_S = 600.0
 SPEEDUP_TARGET = 1.8
 LATENCY_TARGET_MS = 200.0
 
-# Runs inside Blender: ``blender -b --factory-startup --python-expr SCRIPT -- OUT.blend``.
-# The scene of tests/blender_scenes.py, with its size and samples as parameters.
-_SCENE_SCRIPT = """
-import math, sys
-import bpy
-
-out = sys.argv[sys.argv.index("--") + 1]
-bpy.ops.wm.read_factory_settings(use_empty=True)
-scene = bpy.context.scene
-scene.render.engine = "CYCLES"
-scene.cycles.device = "CPU"
-scene.cycles.samples = {samples}
-scene.cycles.use_denoising = False
-for layer in scene.view_layers:
-    layer.cycles.use_denoising = False
-scene.render.resolution_x = scene.render.resolution_y = {size}
-scene.render.resolution_percentage = 100
-scene.render.image_settings.file_format = "PNG"
-scene.frame_start, scene.frame_end = 1, {frames}
-
-bpy.ops.mesh.primitive_cube_add(size=1.5, location=(-1.5, 0, 0))
-cube = bpy.context.active_object
-for frame, location, turn in ((1, (-1.5, 0, 0), 0), ({frames}, (1.5, 0, 0.5), math.pi)):
-    cube.location = location
-    cube.rotation_euler = (0, 0, turn)
-    cube.keyframe_insert("location", frame=frame)
-    cube.keyframe_insert("rotation_euler", frame=frame)
-
-bpy.ops.object.camera_add(location=(0, -7, 3), rotation=(math.radians(70), 0, 0))
-scene.camera = bpy.context.active_object
-bpy.ops.object.light_add(type="SUN", location=(2, -2, 5))
-bpy.context.active_object.data.energy = 3.0
-scene.world = bpy.data.worlds.new("World")
-bpy.ops.wm.save_as_mainfile(filepath=out)
-"""
-
-_SAVED = re.compile(r"^Saved: '.*frame_(\d+)\.png'")
-_TIME = re.compile(r"^\s*Time: ([\d:.]+)")
-_FRAME_FILE = re.compile(r"^frame_(\d+)\.png$")
-
 
 class WrongResult(Exception):
     """The system's frames differ from the plain run's."""
-
-
-def make_scene(path: Path, blender: str, size: int, samples: int, frames: int) -> Path:
-    script = _SCENE_SCRIPT.format(size=size, samples=samples, frames=frames)
-    command = [blender, "-b", "--factory-startup", "--python-exit-code", "1"]
-    done = subprocess.run(
-        [*command, "--python-expr", script, "--", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=SCENE_TIMEOUT_S,
-        check=False,
-    )
-    if done.returncode != 0 or not path.is_file():
-        raise RuntimeError(f"Blender could not make the scene:\n{done.stdout[-3000:]}")
-    return path
-
-
-def _seconds(timecode: str) -> float:
-    """Blender's ``MM:SS.ss`` or ``HH:MM:SS.ss`` as seconds."""
-    total = 0.0
-    for part in timecode.split(":"):
-        total = total * 60 + float(part)
-    return total
-
-
-def plain_run(blender: str, scene: Path, outdir: Path, frames: int) -> dict[str, Any]:
-    """One plain ``blender -b -t 1 -a``: its wall time and each frame's ``Time:``."""
-    command = [blender, "-b", str(scene), "-t", "1", "-o", str(outdir / "frame_######"), "-a"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=PLAIN_TIMEOUT_S)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    if done.returncode != 0:
-        raise RuntimeError(f"plain blender failed ({done.returncode}):\n{done.stdout[-3000:]}")
-    frame_s: dict[int, float] = {}
-    saved: int | None = None
-    for line in done.stdout.splitlines():
-        if m := _SAVED.match(line):
-            saved = int(m.group(1))
-        elif saved is not None and (m := _TIME.match(line)):
-            frame_s[saved] = _seconds(m.group(1))
-            saved = None
-    if sorted(frame_s) != list(range(1, frames + 1)):
-        raise RuntimeError(f"plain blender reported times for {len(frame_s)} of {frames} frames")
-    return {
-        "wall_s": wall,
-        "frame_s": frame_s,
-        "fixed_s": wall - sum(frame_s.values()),
-        "median_frame_ms": statistics.median(frame_s.values()) * 1000,
-        "blender_cores": cpu / wall,
-    }
-
-
-class FrameFileWatcher:
-    """Polls the frame folders of one job on this machine's workers and keeps each frame
-    file's latest ``st_mtime_ns`` (a file seen mid-write is stat'ed again on the next poll).
-    A context manager: the thread runs inside ``with``; ``watch(job_id)`` says which job."""
-
-    def __init__(self, home: Path) -> None:
-        self._home = home
-        self._job = ""
-        self.saved_ns: dict[int, int] = {}  # frame -> mtime
-        self.chunk_of: dict[int, str] = {}  # frame -> its chunk folder
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="frame-watcher", daemon=True)
-
-    def __enter__(self) -> FrameFileWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def watch(self, job_id: str) -> None:
-        self.saved_ns, self.chunk_of = {}, {}
-        self._job = job_id
-
-    def _run(self) -> None:
-        while not self._stop.wait(POLL_S):
-            if self._job:
-                self._poll(self._job)
-
-    def _poll(self, job: str) -> None:
-        for folder in self._home.glob(f"cache/*/jobs/{job}/.pilot-frames/*"):
-            try:
-                entries = list(os.scandir(folder))
-            except FileNotFoundError:  # the chunk ended and removed it
-                continue
-            for entry in entries:
-                if not (m := _FRAME_FILE.match(entry.name)):
-                    continue
-                try:
-                    mtime = entry.stat().st_mtime_ns
-                except FileNotFoundError:
-                    continue
-                frame = int(m.group(1))
-                self.saved_ns[frame] = max(mtime, self.saved_ns.get(frame, 0))
-                self.chunk_of[frame] = folder.name
-
-
-class ClusterCpu:
-    """CPU seconds of a ``LocalCluster``'s processes: the gateway, the workers and their task
-    processes (their own time: Parallel Pilot's cost), and the Blenders those task processes
-    started and reaped (their children's time). ``take()`` returns a snapshot; ``since(a)``
-    the seconds spent since snapshot ``a`` (a process started since counts from zero)."""
-
-    def __init__(self, cluster: pilot.LocalCluster) -> None:
-        self._cluster = cluster
-
-    def take(self) -> dict[int, tuple[float, float]]:
-        roots = [p for p in (self._cluster.gateway, *self._cluster.workers) if p is not None]
-        snap: dict[int, tuple[float, float]] = {}
-        for root in roots:
-            try:
-                proc = psutil.Process(root.pid)
-                procs = [proc, *proc.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for p in procs:
-                try:
-                    if p.name().startswith("blender"):
-                        continue  # counted by its task process once reaped
-                    t = p.cpu_times()
-                except psutil.Error:
-                    continue
-                snap[p.pid] = (t.user + t.system, t.children_user + t.children_system)
-        return snap
-
-    def spares(self) -> int:
-        """Idle spare Blenders of the task processes (``worker._blender_spare``: they wait in
-        ``/``, and move to their chunk's directory once they have one)."""
-        found = 0
-        for root in (p for p in self._cluster.workers if p is not None):
-            with contextlib.suppress(psutil.Error):
-                for p in psutil.Process(root.pid).children(recursive=True):
-                    found += p.name() == "blender" and p.cwd() == "/"
-        return found
-
-    @staticmethod
-    def since(
-        before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]
-    ) -> tuple[float, float]:
-        """(Parallel Pilot's processes' own CPU s, their reaped children's CPU s)."""
-        own = children = 0.0
-        for pid, (o, c) in after.items():
-            o0, c0 = before.get(pid, (0.0, 0.0))
-            own, children = own + o - o0, children + c - c0
-        return own, children
 
 
 def system_run(
