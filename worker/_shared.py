@@ -25,6 +25,7 @@ Below ``SHARE_MIN_BYTES`` (4 MiB) a buffer is copied as before. Both sides are s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -81,8 +82,9 @@ class SharedBuffers:
                 log.debug("could not share blob %s: %s", reply.digest[:12], e)
                 return reply
             if reply.digest in self._cache:  # keep the shared copy, drop the received one
-                mapped = memoryview(mmap.mmap(found[0], found[1], prot=mmap.PROT_READ))
-                self._cache.put(reply.digest, Payload(mapped, (), p.digests))
+                with contextlib.suppress(OSError):  # no room to map it: keep the received one
+                    mapped = memoryview(mmap.mmap(found[0], found[1], prot=mmap.PROT_READ))
+                    self._cache.put(reply.digest, Payload(mapped, (), p.digests))
         else:
             self._fds.move_to_end(reply.digest)
         return SharedBlob(reply.digest, os.getpid(), found[0], found[1])
