@@ -8,11 +8,12 @@ two tasks at once on one worker's two task processes and looks at what they mapp
 
 from __future__ import annotations
 
-import errno
 import os
+import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from tests_support import TEST_TIMEOUTS
 from worker._blobcache import BlobCache
 from worker._child import _TaskProcess
 from worker._control import Control
-from worker._shared import SHARE_MIN_BYTES, SharedBuffers, map_shared
+from worker._shared import SHARE_MIN_BYTES, SharedBuffers, StaleBlob, map_shared, memfd_name
 
 MB = 1 << 20
 pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd is Linux's")
@@ -79,17 +80,45 @@ def test_the_task_process_maps_only_the_blob_it_was_told_of() -> None:
     fresh = shared.answer(second)
     assert isinstance(stale, SharedBlob) and isinstance(fresh, SharedBlob)
     assert len(shared) == 1, "the first was evicted: its descriptor is closed"
-    with pytest.raises(OSError):  # closed, or its number reused by the second's memfd
+    with pytest.raises(StaleBlob):  # closed, or its number reused by the second's memfd
         map_shared(stale)
-    with pytest.raises(OSError, match="not the blob"):  # a descriptor that is not a memfd
+    with pytest.raises(StaleBlob, match="not the blob"):  # a descriptor that is not a memfd
         map_shared(SharedBlob(second.digest, os.getpid(), 0, fresh.nbytes))
-    with pytest.raises(OSError, match="bytes long"):
+    with pytest.raises(StaleBlob, match="bytes long"):
         map_shared(SharedBlob(fresh.digest, fresh.pid, fresh.fd, fresh.nbytes + 1))
-    with pytest.raises(OSError) as gone:  # a process that is not there
+    with pytest.raises(StaleBlob):  # a process that is not there
         map_shared(SharedBlob(fresh.digest, 2**22 + 1, fresh.fd, fresh.nbytes))
-    assert gone.value.errno == errno.ENOENT
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(StaleBlob):  # a number reused for a socket, which cannot be opened
+        map_shared(SharedBlob(fresh.digest, os.getpid(), a.fileno(), fresh.nbytes))
     assert map_shared(fresh) == second.data.data
     shared.close()
+
+
+def test_an_unsealed_memfd_of_the_right_name_and_size_is_refused() -> None:
+    content = os.urandom(SHARE_MIN_BYTES)
+    digest = frame_digest(content).hex()
+    fd = os.memfd_create(memfd_name(digest), os.MFD_CLOEXEC)  # writable: anyone could change it
+    try:
+        os.write(fd, content)
+        with pytest.raises(StaleBlob, match="not sealed"):
+            map_shared(SharedBlob(digest, os.getpid(), fd, len(content)))
+    finally:
+        os.close(fd)
+
+
+def test_a_buffer_still_in_a_memfd_is_answered_from_it_and_replaces_a_received_copy() -> None:
+    reply = _reply(os.urandom(SHARE_MIN_BYTES))
+    cache = BlobCache()
+    shared = SharedBuffers(cache)
+    assert shared.known(reply.digest) is None
+    first = shared.answer(reply)
+    cache.put(reply.digest, reply.data)  # evicted from the cache, then received again
+    assert shared.known(reply.digest) == first
+    kept = cache.get(reply.digest)
+    assert kept is not None and kept.data is not reply.data and kept.data == reply.data.data
+    shared.close()
+    assert shared.answer(reply) is reply, "closed: nothing more is shared"
 
 
 def _sum_and_mapped(arr: np.ndarray, key: str, pause_s: float) -> tuple[float, list[str], int]:
@@ -117,12 +146,10 @@ def test_two_task_processes_of_a_worker_map_one_copy_of_a_big_argument() -> None
         assert total == float(small.sum()) and inodes == []
 
 
-def test_a_task_process_that_cannot_map_the_buffer_asks_for_a_copy(tmp_path: Path) -> None:
-    """The real task process's object, its worker played over a real socket: told of a memfd
-    that is gone, it asks again without ``shared``, gets the bytes, and asks for copies from
-    then on."""
-    content = os.urandom(SHARE_MIN_BYTES)
-    reply = _reply(content)
+def _ask_as_a_task_process(tmp_path: Path, key: str, answers: list[Any]) -> tuple[Any, ...]:
+    """The real task process's object, its worker played over a real socket: it asks for the
+    buffer ``key``; each of its asks gets the next of ``answers``. Returns (its asks, what it
+    got, whether it still asks for shared memory)."""
     url = f"ipc://{tmp_path}/tasks"
     ctx = zmq.Context.instance()
     worker = ctx.socket(zmq.ROUTER)
@@ -130,22 +157,45 @@ def test_a_task_process_that_cannot_map_the_buffer_asks_for_a_copy(tmp_path: Pat
     codec = Codec(None)
     control = Control(tmp_path / "c0.control", create=True)
     proc = _TaskProcess(url, b"c0", str(tmp_path / "c0.control"), (tmp_path, MB))
-    got: list[object] = []
-    asking = threading.Thread(target=lambda: got.append(proc._loader.buffer(reply.digest)))
+    got: list[Any] = []
+    asking = threading.Thread(target=lambda: got.append(proc._loader.buffer(key)))
+    asks = []
     try:
         asking.start()
-        asks = []
-        for answer in (SharedBlob(reply.digest, os.getpid(), 2**20, len(content)), reply):
-            assert worker.poll(30_000), "the task process did not ask"
+        for answer in answers:
+            assert worker.poll(30_000), f"the task process did not ask (asks so far: {asks})"
             ident, *frames = worker.recv_multipart(copy=False)
             asks.append(codec.decode(frames).msg)
             worker.send_multipart([ident, *codec.encode(answer)], copy=False)
         asking.join(30)
-        assert asks == [GetBlob(reply.digest, True), GetBlob(reply.digest, False)]
-        assert got == [content] and proc._loader.share is False
+        return asks, got, proc._loader.share
     finally:
         asking.join(30)
         proc._sock.close(0)
         proc._ctx.term()
         worker.close(0)
         control.close()
+
+
+def test_a_task_process_told_of_a_stale_memfd_asks_again_and_maps_the_new_one(
+    tmp_path: Path,
+) -> None:
+    reply = _reply(os.urandom(SHARE_MIN_BYTES))
+    shared = SharedBuffers(BlobCache())
+    stale = SharedBlob(reply.digest, os.getpid(), 2**20, reply.data.nbytes)  # no such descriptor
+    try:
+        asks, got, share = _ask_as_a_task_process(
+            tmp_path, reply.digest, [stale, shared.answer(reply)]
+        )
+    finally:
+        shared.close()
+    assert asks == [GetBlob(reply.digest, True)] * 2
+    assert got == [reply.data.data] and share, "a stale memfd does not stop the sharing"
+
+
+def test_a_task_process_told_of_stale_memfds_twice_takes_a_copy(tmp_path: Path) -> None:
+    reply = _reply(os.urandom(SHARE_MIN_BYTES))
+    stale = SharedBlob(reply.digest, os.getpid(), 2**20, reply.data.nbytes)
+    asks, got, share = _ask_as_a_task_process(tmp_path, reply.digest, [stale, stale, reply])
+    assert asks == [GetBlob(reply.digest, True)] * 2 + [GetBlob(reply.digest, False)]
+    assert got == [reply.data.data] and share

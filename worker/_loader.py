@@ -5,7 +5,8 @@ Both travel as blobs named by digest (see ``docs/protocol.md``, "Functions as bl
 functions it loaded, unpickled, and ``BUFFER_CACHE_BYTES`` of buffers (read-only); for one it
 lacks it asks its worker (``GetBlob``) and waits up to ``FUNCTION_WAIT_S``, keeping other
 messages for after (``inbox``). A buffer of 4 MiB or more comes through the worker's shared
-memory (``worker._shared``): asked with ``shared`` until a mapping fails once, then copied.
+memory (``worker._shared``); one whose memfd went stale meanwhile is asked for again, and
+one this process cannot map at all makes it ask for copies from then on.
 One that cannot be had raises ``Unavailable``, which fails the task as UNPICKLABLE.
 
 Owned by the task process's main thread.
@@ -20,7 +21,7 @@ from typing import Any
 
 from gateway.protocol import BlobReply, GetBlob, Goodbye, Payload, SharedBlob, loads
 from worker._blobcache import BlobCache
-from worker._shared import map_shared
+from worker._shared import StaleBlob, map_shared
 
 __all__ = ["BUFFER_CACHE_BYTES", "FUNCTION_CACHE", "FUNCTION_WAIT_S", "Loader", "Unavailable"]
 
@@ -69,10 +70,14 @@ class Loader:
         mapped from its shared memory where it can."""
         if (found := self._buffers.get(key)) is None:
             found = self._fetch(key, "argument's buffer", self.share)
-            if isinstance(found, SharedBlob):
+            for tries_left in (1, 0):
+                if not isinstance(found, SharedBlob):
+                    break
                 try:
                     found = Payload(map_shared(found))
-                except OSError:  # evicted meanwhile, or /proc unreadable: ask for a copy
+                except StaleBlob:  # evicted meanwhile: ask again (a copy the second time)
+                    found = self._fetch(key, "argument's buffer", tries_left > 0)
+                except OSError:  # /proc unreadable here: copies from now on
                     self.share = False
                     found = self._fetch(key, "argument's buffer")
             self._buffers.put(key, found)

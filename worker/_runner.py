@@ -152,8 +152,10 @@ class TaskRunner:
 
     async def close(self) -> None:
         self.draining = True
-        await self.pool.close()
-        self._shared.close()
+        try:
+            await self.pool.close()
+        finally:
+            self._shared.close()
 
     # -- what the worker holds ------------------------------------------------------------
 
@@ -250,6 +252,9 @@ class TaskRunner:
             case GetBlob(digest=digest, shared=False):  # a function this process lacks
                 self._fetcher.function(digest, lambda reply: self.pool.send(ident, reply))
             case GetBlob(digest=digest):  # an argument's buffer: through shared memory
+                if (known := self._shared.known(digest)) is not None:
+                    self.pool.send(ident, known)
+                    return
                 self._fetcher.function(
                     digest, lambda reply: self.pool.send(ident, self._shared.answer(reply))
                 )

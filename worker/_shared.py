@@ -9,15 +9,17 @@ change, and answers ``SharedBlob(digest, pid, fd, nbytes)``. The task process op
 size and seals), and maps it: every task process of the worker reads the same pages.
 
 - **Worker** (``SharedBuffers``): one memfd per digest, kept, least recently used out first,
-  while they hold more than ``SHARED_BYTES`` (the last one always kept). Closing its
-  descriptor frees nothing a task process still maps. The worker's blob cache then holds the
-  memfd's mapping instead of the received frame: one copy of the bytes on the host, however
-  many task processes use them. Where memfds do not exist (not Linux) or one cannot be made,
-  the answer is the ``BlobReply`` as before.
-- **Task process** (``map_shared``): an ``OSError`` when the memfd is not what it should be:
-  the worker closed it meanwhile (evicted, and its number maybe reused: the name and size
-  catch that), or ``/proc`` is not readable. The task process then asks again without
-  ``shared`` and gets the bytes inline.
+  while they hold more than ``SHARED_BYTES`` (its blob cache's bound; the last one always
+  kept). Closing its descriptor frees nothing a task process still maps. The worker's blob
+  cache then holds the memfd's mapping instead of the received frame: one copy of the bytes on
+  the host, however many task processes use them; a buffer still in a memfd is answered from
+  it, not fetched again. Where memfds do not exist (not Linux) or one cannot be made, the
+  answer is the ``BlobReply`` as before. The write runs on the worker's loop (44-58 ms for
+  100 MB here).
+- **Task process** (``map_shared``): ``StaleBlob`` when the descriptor is no longer that
+  blob's memfd (the worker evicted it meanwhile, and maybe reused its number: the name, size
+  and seals catch that); the task process asks again, and after a second stale answer takes
+  a copy. Another ``OSError`` (``/proc`` not readable) makes it ask for copies from then on.
 
 Below ``SHARE_MIN_BYTES`` (4 MiB) a buffer is copied as before. Both sides are single-threaded
 (the worker's loop; the task process's main thread).
@@ -25,7 +27,7 @@ Below ``SHARE_MIN_BYTES`` (4 MiB) a buffer is copied as before. Both sides are s
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import fcntl
 import logging
 import mmap
@@ -34,9 +36,16 @@ from collections import OrderedDict
 from typing import Any
 
 from gateway.protocol import BlobReply, Payload, SharedBlob
-from worker._blobcache import BlobCache
+from worker._blobcache import BLOB_CACHE_BYTES, BlobCache
 
-__all__ = ["SHARED_BYTES", "SHARE_MIN_BYTES", "SharedBuffers", "map_shared"]
+__all__ = [
+    "SHARED_BYTES",
+    "SHARE_MIN_BYTES",
+    "SharedBuffers",
+    "StaleBlob",
+    "map_shared",
+    "memfd_name",
+]
 
 log = logging.getLogger("pilot.worker")
 
@@ -44,7 +53,7 @@ log = logging.getLogger("pilot.worker")
 # (Python's mmap keeps a duplicate): 4 MiB keeps a task process's 512 MiB of buffers (its
 # cache) under 128 of them.
 SHARE_MIN_BYTES = 4 << 20
-SHARED_BYTES = 512 * 2**20  # memfds the worker keeps open (a task process's buffer cache)
+SHARED_BYTES = BLOB_CACHE_BYTES  # memfds the worker keeps: its blob cache's bound
 _CAN = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")  # Linux
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE if _CAN else 0
 
@@ -61,35 +70,47 @@ class SharedBuffers:
         self._cache = cache
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._fds: OrderedDict[str, tuple[int, int]] = OrderedDict()  # digest: (fd, nbytes)
+        # digest: (its memfd, its size, the worker's own read-only mapping of it)
+        self._kept: OrderedDict[str, tuple[int, int, memoryview]] = OrderedDict()
+        self._closed = False
 
     def __len__(self) -> int:
-        return len(self._fds)
+        return len(self._kept)
+
+    def known(self, digest: str) -> SharedBlob | None:
+        """The answer for a blob already in a memfd here (none to fetch), or None."""
+        found = self._kept.get(digest)
+        if found is None:
+            return None
+        self._kept.move_to_end(digest)
+        self._cache_the_mapping(digest, found[2], None)
+        return SharedBlob(digest, os.getpid(), found[0], found[1])
 
     def answer(self, reply: BlobReply) -> BlobReply | SharedBlob:
         """What to send a task process that asked with ``shared``: a ``SharedBlob`` for a big
         buffer (a payload of one frame, no buffers), else ``reply`` itself."""
         p = reply.data
-        if not (_CAN and reply.ok and p is not None and not p.buffers):
+        if not (_CAN and reply.ok and p is not None and not p.buffers) or self._closed:
             return reply
         if len(p.data) < SHARE_MIN_BYTES:
             return reply
-        found = self._fds.get(reply.digest)
-        if found is None:
-            try:
-                found = self._put(reply.digest, p.data)
-            except OSError as e:  # no memory for it, out of descriptors: copy instead
-                log.debug("could not share blob %s: %s", reply.digest[:12], e)
-                return reply
-            if reply.digest in self._cache:  # keep the shared copy, drop the received one
-                with contextlib.suppress(OSError):  # no room to map it: keep the received one
-                    mapped = memoryview(mmap.mmap(found[0], found[1], prot=mmap.PROT_READ))
-                    self._cache.put(reply.digest, Payload(mapped, (), p.digests))
-        else:
-            self._fds.move_to_end(reply.digest)
-        return SharedBlob(reply.digest, os.getpid(), found[0], found[1])
+        if (known := self.known(reply.digest)) is not None:
+            return known
+        try:
+            fd, nbytes, mapped = self._put(reply.digest, p.data)
+        except OSError as e:  # no memory for it, out of descriptors: copy instead
+            log.debug("could not share blob %s: %s", reply.digest[:12], e)
+            return reply
+        self._cache_the_mapping(reply.digest, mapped, p)
+        return SharedBlob(reply.digest, os.getpid(), fd, nbytes)
 
-    def _put(self, digest: str, data: Any) -> tuple[int, int]:
+    def _cache_the_mapping(self, digest: str, mapped: memoryview, p: Payload | None) -> None:
+        """The worker's cache keeps the shared copy, not the one received: one copy here."""
+        cached = self._cache.get(digest)
+        if cached is not None and cached.data is not mapped:
+            self._cache.put(digest, dataclasses.replace(p or cached, data=mapped))
+
+    def _put(self, digest: str, data: Any) -> tuple[int, int, memoryview]:
         view = memoryview(data).cast("B")
         fd = os.memfd_create(memfd_name(digest), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
@@ -98,37 +119,51 @@ class SharedBuffers:
             while done < view.nbytes:
                 done += os.pwrite(fd, view[done:], done)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+            mapped = memoryview(mmap.mmap(fd, view.nbytes, prot=mmap.PROT_READ))
         except OSError:
             os.close(fd)
             raise
-        self._fds[digest] = found = (fd, view.nbytes)
+        self._kept[digest] = found = (fd, view.nbytes, mapped)
         self.nbytes += view.nbytes
-        while self.nbytes > self.max_bytes and len(self._fds) > 1:
-            _, (old, size) = self._fds.popitem(last=False)
+        while self.nbytes > self.max_bytes and len(self._kept) > 1:
+            _, (old, size, _) = self._kept.popitem(last=False)
             os.close(old)
             self.nbytes -= size
         return found
 
     def close(self) -> None:
-        """Close every memfd (a task process's mappings stay valid)."""
-        for fd, _ in self._fds.values():
+        """Close every memfd (a task process's mappings stay valid); share nothing more."""
+        self._closed = True
+        for fd, _, _ in self._kept.values():
             os.close(fd)
-        self._fds.clear()
+        self._kept.clear()
         self.nbytes = 0
 
 
+class StaleBlob(OSError):
+    """The descriptor a ``SharedBlob`` names is no longer that blob's memfd (the worker
+    evicted it, and maybe reused the number): ask again."""
+
+
 def map_shared(msg: SharedBlob) -> memoryview:
-    """The task process's side: the blob ``msg`` names, mapped read-only. Raises ``OSError``
-    when the descriptor cannot be opened or is not that blob's sealed memfd."""
-    fd = os.open(f"/proc/{msg.pid}/fd/{msg.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    """The task process's side: the blob ``msg`` names, mapped read-only. Raises
+    ``StaleBlob`` when the descriptor is gone or is not that blob's sealed memfd, and another
+    ``OSError`` when the worker's descriptors cannot be opened at all."""
+    path = f"/proc/{msg.pid}/fd/{msg.fd}"
+    try:  # O_NONBLOCK: a number reused for a pipe must not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except PermissionError:  # this process may not open the worker's descriptors
+        raise
+    except OSError as e:  # closed, or reused for what cannot be opened (a socket: ENXIO)
+        raise StaleBlob(f"descriptor {msg.fd} of process {msg.pid}: {e.strerror}") from None
     try:
         name = os.readlink(f"/proc/self/fd/{fd}")
         if name != f"/memfd:{memfd_name(msg.digest)} (deleted)":
-            raise OSError(f"descriptor {msg.fd} of process {msg.pid} is {name!r}, not the blob")
+            raise StaleBlob(f"descriptor {msg.fd} of process {msg.pid} is {name!r}, not the blob")
         if os.fstat(fd).st_size != msg.nbytes:
-            raise OSError(f"the blob's memfd is not {msg.nbytes} bytes long")
+            raise StaleBlob(f"the blob's memfd is not {msg.nbytes} bytes long")
         if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
-            raise OSError("the blob's memfd is not sealed against writes")
+            raise StaleBlob("the blob's memfd is not sealed against writes")
         mapped = mmap.mmap(fd, msg.nbytes, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
