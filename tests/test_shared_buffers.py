@@ -8,6 +8,7 @@ two tasks at once on one worker's two task processes and looks at what they mapp
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -36,15 +37,29 @@ def _reply(content: bytes) -> BlobReply:
     return BlobReply("", frame_digest(content).hex(), True, Payload(content))
 
 
+def _answer(shared: SharedBuffers, *replies: BlobReply) -> list[Any]:
+    """What ``shared`` sends for each of ``replies``, asked at once on an event loop (the
+    worker's side runs on one; its write on a thread of it)."""
+
+    async def ask() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        answers = [loop.create_future() for _ in replies]
+        for reply, answer in zip(replies, answers, strict=True):
+            shared.answer(reply, answer.set_result)
+        return await asyncio.wait_for(asyncio.gather(*answers), 30)
+
+    return asyncio.run(ask())
+
+
 def test_a_big_buffer_is_answered_with_a_sealed_memfd_that_maps_to_the_same_bytes() -> None:
     content = os.urandom(SHARE_MIN_BYTES + 5)
     reply = _reply(content)
     cache = BlobCache()
     cache.put(reply.digest, reply.data)
     shared = SharedBuffers(cache)
-    msg = shared.answer(reply)
+    msg, again = _answer(shared, reply, reply)  # the second asked while the first is written
     assert isinstance(msg, SharedBlob) and (msg.pid, msg.nbytes) == (os.getpid(), len(content))
-    assert shared.answer(reply) == msg, "one memfd per blob, however often it is asked for"
+    assert again == msg and _answer(shared, reply) == [msg], "one memfd per blob"
 
     view = map_shared(msg)
     assert view.readonly and view == content
@@ -69,15 +84,15 @@ def test_a_small_buffer_a_failed_reply_or_a_payload_of_frames_is_answered_as_it_
     small = _reply(os.urandom(SHARE_MIN_BYTES - 1))
     failed = BlobReply("", "ab" * 32, False, None, "not in the store")
     framed = BlobReply("", "cd" * 32, True, Payload(b"pickle", (os.urandom(SHARE_MIN_BYTES),)))
-    assert [shared.answer(r) for r in (small, failed, framed)] == [small, failed, framed]
+    assert _answer(shared, small, failed, framed) == [small, failed, framed]
     assert len(shared) == 0
 
 
 def test_the_task_process_maps_only_the_blob_it_was_told_of() -> None:
     first, second = _reply(os.urandom(SHARE_MIN_BYTES)), _reply(os.urandom(SHARE_MIN_BYTES))
     shared = SharedBuffers(BlobCache(), max_bytes=SHARE_MIN_BYTES)  # room for one
-    stale = shared.answer(first)
-    fresh = shared.answer(second)
+    (stale,) = _answer(shared, first)
+    (fresh,) = _answer(shared, second)
     assert isinstance(stale, SharedBlob) and isinstance(fresh, SharedBlob)
     assert len(shared) == 1, "the first was evicted: its descriptor is closed"
     with pytest.raises(StaleBlob):  # closed, or its number reused by the second's memfd
@@ -112,13 +127,13 @@ def test_a_buffer_still_in_a_memfd_is_answered_from_it_and_replaces_a_received_c
     cache = BlobCache()
     shared = SharedBuffers(cache)
     assert shared.known(reply.digest) is None
-    first = shared.answer(reply)
+    (first,) = _answer(shared, reply)
     cache.put(reply.digest, reply.data)  # evicted from the cache, then received again
     assert shared.known(reply.digest) == first
     kept = cache.get(reply.digest)
     assert kept is not None and kept.data is not reply.data and kept.data == reply.data.data
     shared.close()
-    assert shared.answer(reply) is reply, "closed: nothing more is shared"
+    assert _answer(shared, reply) == [reply], "closed: nothing more is shared"
 
 
 def _sum_and_mapped(arr: np.ndarray, key: str, pause_s: float) -> tuple[float, list[str], int]:
@@ -185,7 +200,7 @@ def test_a_task_process_told_of_a_stale_memfd_asks_again_and_maps_the_new_one(
     stale = SharedBlob(reply.digest, os.getpid(), 2**20, reply.data.nbytes)  # no such descriptor
     try:
         asks, got, share = _ask_as_a_task_process(
-            tmp_path, reply.digest, [stale, shared.answer(reply)]
+            tmp_path, reply.digest, [stale, *_answer(shared, reply)]
         )
     finally:
         shared.close()

@@ -256,7 +256,8 @@ class TaskRunner:
                     self.pool.send(ident, known)
                     return
                 self._fetcher.function(
-                    digest, lambda reply: self.pool.send(ident, self._shared.answer(reply))
+                    digest,
+                    lambda reply: self._shared.answer(reply, lambda m: self.pool.send(ident, m)),
                 )
 
     def _finish(self, child: Child, result: TaskResult) -> None:

@@ -14,25 +14,28 @@ size and seals), and maps it: every task process of the worker reads the same pa
   cache then holds the memfd's mapping instead of the received frame: one copy of the bytes on
   the host, however many task processes use them; a buffer still in a memfd is answered from
   it, not fetched again. Where memfds do not exist (not Linux) or one cannot be made, the
-  answer is the ``BlobReply`` as before. The write runs on the worker's loop (44-58 ms for
-  100 MB here).
+  answer is the ``BlobReply`` as before. The write runs on a thread (44-58 ms for 100 MB
+  here), so the worker's loop never waits for it.
 - **Task process** (``map_shared``): ``StaleBlob`` when the descriptor is no longer that
   blob's memfd (the worker evicted it meanwhile, and maybe reused its number: the name, size
   and seals catch that); the task process asks again, and after a second stale answer takes
   a copy. Another ``OSError`` (``/proc`` not readable) makes it ask for copies from then on.
 
-Below ``SHARE_MIN_BYTES`` (4 MiB) a buffer is copied as before. Both sides are single-threaded
-(the worker's loop; the task process's main thread).
+Below ``SHARE_MIN_BYTES`` (4 MiB) a buffer is copied as before. ``SharedBuffers`` is owned by
+the worker's event loop (only the write runs on a thread); ``map_shared`` runs on the task
+process's main thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import fcntl
 import logging
 import mmap
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from gateway.protocol import BlobReply, Payload, SharedBlob
@@ -72,6 +75,7 @@ class SharedBuffers:
         self.nbytes = 0
         # digest: (its memfd, its size, the worker's own read-only mapping of it)
         self._kept: OrderedDict[str, tuple[int, int, memoryview]] = OrderedDict()
+        self._writing: dict[str, list[Callable[[Any], None]]] = {}  # digest: who waits
         self._closed = False
 
     def __len__(self) -> int:
@@ -86,23 +90,42 @@ class SharedBuffers:
         self._cache_the_mapping(digest, found[2], None)
         return SharedBlob(digest, os.getpid(), found[0], found[1])
 
-    def answer(self, reply: BlobReply) -> BlobReply | SharedBlob:
-        """What to send a task process that asked with ``shared``: a ``SharedBlob`` for a big
-        buffer (a payload of one frame, no buffers), else ``reply`` itself."""
+    def answer(self, reply: BlobReply, send: Callable[[Any], None]) -> None:
+        """``send`` a task process that asked with ``shared`` its answer: for a big buffer (a
+        payload of one frame, no buffers) a ``SharedBlob`` once the buffer is in a memfd,
+        written on a thread while the loop goes on (several asks of one buffer wait for one
+        write); else, or if the write fails, ``reply`` itself."""
         p = reply.data
-        if not (_CAN and reply.ok and p is not None and not p.buffers) or self._closed:
-            return reply
-        if len(p.data) < SHARE_MIN_BYTES:
-            return reply
-        if (known := self.known(reply.digest)) is not None:
-            return known
+        shareable = _CAN and reply.ok and p is not None and not p.buffers and not self._closed
+        if not shareable or p is None or len(p.data) < SHARE_MIN_BYTES:
+            send(reply)
+        elif (known := self.known(reply.digest)) is not None:
+            send(known)
+        elif (waiting := self._writing.get(reply.digest)) is not None:
+            waiting.append(send)
+        else:
+            self._writing[reply.digest] = [send]
+            loop = asyncio.get_running_loop()
+            written = loop.run_in_executor(None, _write_memfd, reply.digest, p.data)
+            written.add_done_callback(lambda done: self._written(reply, done))
+
+    def _written(self, reply: BlobReply, done: asyncio.Future[tuple[int, memoryview]]) -> None:
+        """The write of ``reply``'s buffer ended: keep the memfd and tell who waits."""
+        answer: BlobReply | SharedBlob = reply
         try:
-            fd, nbytes, mapped = self._put(reply.digest, p.data)
-        except OSError as e:  # no memory for it, out of descriptors: copy instead
+            fd, mapped = done.result()
+        except Exception as e:  # no memory for it, out of descriptors: copy instead
             log.debug("could not share blob %s: %s", reply.digest[:12], e)
-            return reply
-        self._cache_the_mapping(reply.digest, mapped, p)
-        return SharedBlob(reply.digest, os.getpid(), fd, nbytes)
+        else:
+            if self._closed:
+                os.close(fd)
+            else:
+                self._keep(reply.digest, fd, mapped)
+                assert reply.data is not None
+                self._cache_the_mapping(reply.digest, mapped, reply.data)
+                answer = SharedBlob(reply.digest, os.getpid(), fd, mapped.nbytes)
+        for send in self._writing.pop(reply.digest, []):
+            send(answer)
 
     def _cache_the_mapping(self, digest: str, mapped: memoryview, p: Payload | None) -> None:
         """The worker's cache keeps the shared copy, not the one received: one copy here."""
@@ -110,26 +133,13 @@ class SharedBuffers:
         if cached is not None and cached.data is not mapped:
             self._cache.put(digest, dataclasses.replace(p or cached, data=mapped))
 
-    def _put(self, digest: str, data: Any) -> tuple[int, int, memoryview]:
-        view = memoryview(data).cast("B")
-        fd = os.memfd_create(memfd_name(digest), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(fd, view.nbytes)
-            done = 0
-            while done < view.nbytes:
-                done += os.pwrite(fd, view[done:], done)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
-            mapped = memoryview(mmap.mmap(fd, view.nbytes, prot=mmap.PROT_READ))
-        except OSError:
-            os.close(fd)
-            raise
-        self._kept[digest] = found = (fd, view.nbytes, mapped)
-        self.nbytes += view.nbytes
+    def _keep(self, digest: str, fd: int, mapped: memoryview) -> None:
+        self._kept[digest] = (fd, mapped.nbytes, mapped)
+        self.nbytes += mapped.nbytes
         while self.nbytes > self.max_bytes and len(self._kept) > 1:
             _, (old, size, _) = self._kept.popitem(last=False)
             os.close(old)
             self.nbytes -= size
-        return found
 
     def close(self) -> None:
         """Close every memfd (a task process's mappings stay valid); share nothing more."""
@@ -138,6 +148,22 @@ class SharedBuffers:
             os.close(fd)
         self._kept.clear()
         self.nbytes = 0
+
+
+def _write_memfd(digest: str, data: Any) -> tuple[int, memoryview]:
+    """A new memfd holding ``data``, sealed, and a read-only mapping of it (on a thread)."""
+    view = memoryview(data).cast("B")
+    fd = os.memfd_create(memfd_name(digest), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, view.nbytes)
+        done = 0
+        while done < view.nbytes:
+            done += os.pwrite(fd, view[done:], done)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+        return fd, memoryview(mmap.mmap(fd, view.nbytes, prot=mmap.PROT_READ))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class StaleBlob(OSError):
