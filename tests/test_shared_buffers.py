@@ -9,6 +9,8 @@ two tasks at once on one worker's two task processes and looks at what they mapp
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import socket
 import threading
@@ -134,6 +136,39 @@ def test_a_buffer_still_in_a_memfd_is_answered_from_it_and_replaces_a_received_c
     assert kept is not None and kept.data is not reply.data and kept.data == reply.data.data
     shared.close()
     assert _answer(shared, reply) == [reply], "closed: nothing more is shared"
+
+
+def test_a_write_that_fails_answers_every_waiter_with_a_copy() -> None:
+    strided = memoryview(np.zeros(2 * SHARE_MIN_BYTES + 2, np.uint8))[::2]  # cannot be cast
+    reply = BlobReply("", "ef" * 32, True, Payload(strided))
+    shared = SharedBuffers(BlobCache())
+    assert _answer(shared, reply, reply) == [reply, reply]
+    assert len(shared) == 0 and not shared._writing, "the next ask tries again"
+
+
+def _memfds_named(digest: str) -> list[str]:
+    gc.collect()  # a dropped mapping's descriptor closes when it is collected
+    fds = os.listdir("/proc/self/fd")
+    with contextlib.suppress(FileNotFoundError):
+        return [f for f in fds if memfd_name(digest) in os.readlink(f"/proc/self/fd/{f}")]
+    return []
+
+
+def test_a_write_in_flight_at_close_tells_nobody_and_leaves_no_memfd() -> None:
+    reply = _reply(os.urandom(SHARE_MIN_BYTES))
+    shared = SharedBuffers(BlobCache())
+    sent: list[Any] = []
+
+    async def close_while_writing() -> None:
+        shared.answer(reply, sent.append)
+        shared.close()  # the worker closes while the write runs on its thread
+        await asyncio.get_running_loop().shutdown_default_executor()  # the write ends
+        for _ in range(3):  # its done-callback runs on the loop's next turns
+            await asyncio.sleep(0)
+
+    asyncio.run(close_while_writing())
+    assert sent == [] and not shared._writing
+    assert _memfds_named(reply.digest) == []
 
 
 def _sum_and_mapped(arr: np.ndarray, key: str, pause_s: float) -> tuple[float, list[str], int]:

@@ -77,7 +77,7 @@ class Loader:
                     found = Payload(map_shared(found))
                 except StaleBlob:  # evicted meanwhile: ask again (a copy the second time)
                     found = self._fetch(key, "argument's buffer", tries_left > 0)
-                except OSError:  # /proc unreadable here: copies from now on
+                except PermissionError:  # the worker's descriptors are closed to us: copies
                     self.share = False
                     found = self._fetch(key, "argument's buffer")
             self._buffers.put(key, found)

@@ -18,8 +18,9 @@ size and seals), and maps it: every task process of the worker reads the same pa
   here), so the worker's loop never waits for it.
 - **Task process** (``map_shared``): ``StaleBlob`` when the descriptor is no longer that
   blob's memfd (the worker evicted it meanwhile, and maybe reused its number: the name, size
-  and seals catch that); the task process asks again, and after a second stale answer takes
-  a copy. Another ``OSError`` (``/proc`` not readable) makes it ask for copies from then on.
+  and seals catch that), or cannot be mapped now; the task process asks again, and after a
+  second stale answer takes a copy. A ``PermissionError`` (this process may not open the
+  worker's descriptors) makes it ask for copies from then on.
 
 Below ``SHARE_MIN_BYTES`` (4 MiB) a buffer is copied as before. ``SharedBuffers`` is owned by
 the worker's event loop (only the write runs on a thread); ``map_shared`` runs on the task
@@ -105,27 +106,36 @@ class SharedBuffers:
             waiting.append(send)
         else:
             self._writing[reply.digest] = [send]
-            loop = asyncio.get_running_loop()
-            written = loop.run_in_executor(None, _write_memfd, reply.digest, p.data)
+            try:
+                loop = asyncio.get_running_loop()
+                written = loop.run_in_executor(None, _write_memfd, reply.digest, p.data)
+            except Exception as e:  # no thread for it (the loop is closing): a copy
+                log.debug("could not share blob %s: %s", reply.digest[:12], e)
+                for waiter in self._writing.pop(reply.digest):
+                    waiter(reply)
+                return
             written.add_done_callback(lambda done: self._written(reply, done))
 
     def _written(self, reply: BlobReply, done: asyncio.Future[tuple[int, memoryview]]) -> None:
-        """The write of ``reply``'s buffer ended: keep the memfd and tell who waits."""
+        """The write of ``reply``'s buffer ended: keep the memfd and tell who waits (nobody,
+        once closed: the task processes were told goodbye)."""
+        waiters = self._writing.pop(reply.digest, [])
         answer: BlobReply | SharedBlob = reply
         try:
             fd, mapped = done.result()
-        except Exception as e:  # no memory for it, out of descriptors: copy instead
+        except (Exception, asyncio.CancelledError) as e:  # no memory for it: a copy instead
             log.debug("could not share blob %s: %s", reply.digest[:12], e)
         else:
             if self._closed:
                 os.close(fd)
-            else:
-                self._keep(reply.digest, fd, mapped)
-                assert reply.data is not None
-                self._cache_the_mapping(reply.digest, mapped, reply.data)
-                answer = SharedBlob(reply.digest, os.getpid(), fd, mapped.nbytes)
-        for send in self._writing.pop(reply.digest, []):
-            send(answer)
+                return
+            self._keep(reply.digest, fd, mapped)
+            assert reply.data is not None
+            self._cache_the_mapping(reply.digest, mapped, reply.data)
+            answer = SharedBlob(reply.digest, os.getpid(), fd, mapped.nbytes)
+        if not self._closed:
+            for waiter in waiters:
+                waiter(answer)
 
     def _cache_the_mapping(self, digest: str, mapped: memoryview, p: Payload | None) -> None:
         """The worker's cache keeps the shared copy, not the one received: one copy here."""
@@ -147,6 +157,7 @@ class SharedBuffers:
         for fd, _, _ in self._kept.values():
             os.close(fd)
         self._kept.clear()
+        self._writing.clear()  # a write in flight closes its memfd when it ends
         self.nbytes = 0
 
 
@@ -173,8 +184,8 @@ class StaleBlob(OSError):
 
 def map_shared(msg: SharedBlob) -> memoryview:
     """The task process's side: the blob ``msg`` names, mapped read-only. Raises
-    ``StaleBlob`` when the descriptor is gone or is not that blob's sealed memfd, and another
-    ``OSError`` when the worker's descriptors cannot be opened at all."""
+    ``StaleBlob`` when the descriptor is gone, is not that blob's sealed memfd, or cannot be
+    mapped now; ``PermissionError`` when the worker's descriptors may not be opened at all."""
     path = f"/proc/{msg.pid}/fd/{msg.fd}"
     try:  # O_NONBLOCK: a number reused for a pipe must not block the open
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -191,6 +202,10 @@ def map_shared(msg: SharedBlob) -> memoryview:
         if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
             raise StaleBlob("the blob's memfd is not sealed against writes")
         mapped = mmap.mmap(fd, msg.nbytes, prot=mmap.PROT_READ)
+    except StaleBlob:
+        raise
+    except OSError as e:  # no room to map it now (descriptors, mappings): a copy this time
+        raise StaleBlob(f"could not map the blob's memfd: {e.strerror}") from None
     finally:
         os.close(fd)
     return memoryview(mapped)
