@@ -96,18 +96,19 @@ class RemoteSession:
         self.client.send(RunCell(self.job.id, 0, cell_id, code))
         interrupted = False
         while True:
+            ev = None
             try:
                 ev = self.job.next_event(WAIT_STEP_S)
-            except KeyboardInterrupt:
+                outcome = None if ev is None else self._relay(ev, kernel, cell_id)
+            except KeyboardInterrupt:  # while waiting, or while writing the cell's output
+                if (done := _cell_done(ev, cell_id)) is not None:
+                    return done  # it had ended: nothing to interrupt
                 if interrupted:  # a second interrupt: stop waiting, end the session
                     self.close()
                     raise
                 interrupted = True
                 self.client.send(InterruptTask(self.job.id, 0))
                 continue
-            if ev is None:
-                continue
-            outcome = self._relay(ev, kernel, cell_id)
             if outcome is not None:
                 return outcome
 
@@ -138,9 +139,7 @@ class RemoteSession:
             case Output(kind=OutputKind.SESSION, data=InputRequest(prompt=prompt) as request):
                 ask = kernel.getpass if request.password else kernel.raw_input
                 self.client.send(InputReply(self.job.id, 0, ask(prompt)))
-            case Output(kind=OutputKind.SESSION, data=CellDone() as done) if (
-                done.cell_id == cell_id
-            ):
+            case _ if (done := _cell_done(ev, cell_id)) is not None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 return done
@@ -151,3 +150,11 @@ class RemoteSession:
                     "Cells run locally again; `%pilot remote` starts a fresh session."
                 )
         return None
+
+
+def _cell_done(ev: Any, cell_id: str) -> CellDone | None:
+    """``ev`` if it says that cell ``cell_id`` ended, else None."""
+    match ev:
+        case Output(kind=OutputKind.SESSION, data=CellDone() as done) if done.cell_id == cell_id:
+            return done
+    return None

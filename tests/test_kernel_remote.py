@@ -265,3 +265,19 @@ class RemoteKernelConformance(conformance.PilotKernelTests):
             os.environ.pop("PILOT_HOME", None)
         else:
             os.environ["PILOT_HOME"] = cls._home
+
+
+def test_an_interrupt_while_the_kernel_waits_for_input_keeps_the_session(
+    kernel: KernelDriver,
+) -> None:
+    """The interrupt lands while the kernel is in the middle of relaying an event (here it
+    waits for the notebook's answer to the remote cell's ``input()``), not while it waits for
+    the next event: the remote cell is interrupted all the same, and the session lives on."""
+    assert kernel.run("%pilot remote").status == "ok"
+    kernel.run("kept = 'still here'")
+    msg_id = kernel.kc.execute("name = input('who? ')", allow_stdin=True)
+    assert kernel.kc.get_stdin_msg(timeout=30)["content"]["prompt"] == "who? "
+    kernel.km.interrupt_kernel()  # instead of an answer
+    ex = kernel.collect(msg_id, timeout=30)
+    assert ex.status == "error" and ex.reply["content"]["ename"] == "KeyboardInterrupt"
+    assert result(kernel.run("kept")) == "'still here'", "the session was ended"
