@@ -137,11 +137,10 @@ class _TaskProcess:
         """The next message: one kept while a function was awaited, or the socket's."""
         if self._inbox:
             return self._inbox.popleft()
-        frames = self._recv()
-        assert frames is not None
-        return self._codec.decode(frames).msg
+        return self._recv_msg()
 
-    def _recv_msg(self, timeout_s: float) -> Any | None:
+    def _recv_msg(self, timeout_s: float | None = None) -> Any | None:
+        """The next message from the socket, decoded; None after ``timeout_s``."""
         frames = self._recv(timeout_s)
         return None if frames is None else self._codec.decode(frames).msg
 

@@ -70,13 +70,13 @@ class Loader:
         mapped from its shared memory where it can."""
         if (found := self._buffers.get(key)) is None:
             found = self._fetch(key, "argument's buffer", self.share)
-            for tries_left in (1, 0):
+            for share_again in (True, False):
                 if not isinstance(found, SharedBlob):
                     break
                 try:
                     found = Payload(map_shared(found))
                 except StaleBlob:  # evicted meanwhile: ask again (a copy the second time)
-                    found = self._fetch(key, "argument's buffer", tries_left > 0)
+                    found = self._fetch(key, "argument's buffer", share_again)
                 except PermissionError:  # the worker's descriptors are closed to us: copies
                     self.share = False
                     found = self._fetch(key, "argument's buffer")

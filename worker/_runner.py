@@ -31,6 +31,7 @@ reconnect re-announces them); ``hand_back()`` (drain) stops it taking work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 from collections import OrderedDict, deque
@@ -252,13 +253,8 @@ class TaskRunner:
             case GetBlob(digest=digest, shared=False):  # a function this process lacks
                 self._fetcher.function(digest, lambda reply: self.pool.send(ident, reply))
             case GetBlob(digest=digest):  # an argument's buffer: through shared memory
-                if (known := self._shared.known(digest)) is not None:
-                    self.pool.send(ident, known)
-                    return
-                self._fetcher.function(
-                    digest,
-                    lambda reply: self._shared.answer(reply, lambda m: self.pool.send(ident, m)),
-                )
+                send = functools.partial(self.pool.send, ident)
+                self._shared.ask(digest, send, self._fetcher.function)
 
     def _finish(self, child: Child, result: TaskResult) -> None:
         """A result from ``child``: results come in the order its tasks were sent."""

@@ -39,7 +39,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from gateway.protocol import BlobReply, Payload, SharedBlob
+from gateway.protocol import BlobReply, SharedBlob
 from worker._blobcache import BLOB_CACHE_BYTES, BlobCache
 
 __all__ = [
@@ -82,14 +82,16 @@ class SharedBuffers:
     def __len__(self) -> int:
         return len(self._kept)
 
-    def known(self, digest: str) -> SharedBlob | None:
-        """The answer for a blob already in a memfd here (none to fetch), or None."""
-        found = self._kept.get(digest)
-        if found is None:
-            return None
-        self._kept.move_to_end(digest)
-        self._cache_the_mapping(digest, found[2], None)
-        return SharedBlob(digest, os.getpid(), found[0], found[1])
+    def ask(
+        self, digest: str, send: Callable[[Any], None], fetch: Callable[[str, Any], None]
+    ) -> None:
+        """A task process asked for buffer ``digest`` with ``shared``: answer from a memfd
+        kept here (none to fetch, even if the blob cache let it go), else ``fetch(digest,
+        then)`` it (the worker's ``BlobFetcher.function``) and ``answer`` the reply."""
+        if (known := self.known(digest)) is not None:
+            send(known)
+        else:
+            fetch(digest, lambda reply: self.answer(reply, send))
 
     def answer(self, reply: BlobReply, send: Callable[[Any], None]) -> None:
         """``send`` a task process that asked with ``shared`` its answer: for a big buffer (a
@@ -97,10 +99,10 @@ class SharedBuffers:
         written on a thread while the loop goes on (several asks of one buffer wait for one
         write); else, or if the write fails, ``reply`` itself."""
         p = reply.data
-        shareable = _CAN and reply.ok and p is not None and not p.buffers and not self._closed
-        if not shareable or p is None or len(p.data) < SHARE_MIN_BYTES:
+        big = p is not None and not p.buffers and len(p.data) >= SHARE_MIN_BYTES
+        if self._closed or not _CAN or not reply.ok or not big:
             send(reply)
-        elif (known := self.known(reply.digest)) is not None:
+        elif (known := self.known(reply.digest)) is not None:  # written since it was asked
             send(known)
         elif (waiting := self._writing.get(reply.digest)) is not None:
             waiting.append(send)
@@ -109,12 +111,21 @@ class SharedBuffers:
             try:
                 loop = asyncio.get_running_loop()
                 written = loop.run_in_executor(None, _write_memfd, reply.digest, p.data)
-            except Exception as e:  # no thread for it (the loop is closing): a copy
+            except RuntimeError as e:  # no thread for it (the loop is closing): a copy
                 log.debug("could not share blob %s: %s", reply.digest[:12], e)
                 for waiter in self._writing.pop(reply.digest):
                     waiter(reply)
                 return
             written.add_done_callback(lambda done: self._written(reply, done))
+
+    def known(self, digest: str) -> SharedBlob | None:
+        """The answer for a blob already in a memfd here, or None."""
+        found = self._kept.get(digest)
+        if found is None:
+            return None
+        self._kept.move_to_end(digest)
+        self._cache_the_mapping(digest, found[2])
+        return SharedBlob(digest, os.getpid(), found[0], found[1])
 
     def _written(self, reply: BlobReply, done: asyncio.Future[tuple[int, memoryview]]) -> None:
         """The write of ``reply``'s buffer ended: keep the memfd and tell who waits (nobody,
@@ -123,25 +134,26 @@ class SharedBuffers:
         answer: BlobReply | SharedBlob = reply
         try:
             fd, mapped = done.result()
-        except (Exception, asyncio.CancelledError) as e:  # no memory for it: a copy instead
+        except OSError as e:  # no memory for it, out of descriptors: a copy instead
             log.debug("could not share blob %s: %s", reply.digest[:12], e)
+        except (Exception, asyncio.CancelledError):  # not expected: say so, send a copy
+            log.warning("could not share blob %s", reply.digest[:12], exc_info=True)
         else:
             if self._closed:
                 os.close(fd)
                 return
             self._keep(reply.digest, fd, mapped)
-            assert reply.data is not None
-            self._cache_the_mapping(reply.digest, mapped, reply.data)
+            self._cache_the_mapping(reply.digest, mapped)
             answer = SharedBlob(reply.digest, os.getpid(), fd, mapped.nbytes)
         if not self._closed:
             for waiter in waiters:
                 waiter(answer)
 
-    def _cache_the_mapping(self, digest: str, mapped: memoryview, p: Payload | None) -> None:
+    def _cache_the_mapping(self, digest: str, mapped: memoryview) -> None:
         """The worker's cache keeps the shared copy, not the one received: one copy here."""
         cached = self._cache.get(digest)
         if cached is not None and cached.data is not mapped:
-            self._cache.put(digest, dataclasses.replace(p or cached, data=mapped))
+            self._cache.put(digest, dataclasses.replace(cached, data=mapped))
 
     def _keep(self, digest: str, fd: int, mapped: memoryview) -> None:
         self._kept[digest] = (fd, mapped.nbytes, mapped)
