@@ -66,6 +66,7 @@ class Sampler:
         # so the restart's window can be told apart
         self.answers: dict[str, list[tuple[float, float]]] = {"status": [], "jobs": []}
         self._stop = threading.Event()
+        self._answered = threading.Event()  # the asker's first answer: it is measuring
         self._asker = subprocess.Popen(
             [sys.executable, __file__, ASKER, str(cluster.connection_file)],
             stdin=subprocess.PIPE,
@@ -80,6 +81,13 @@ class Sampler:
     def __enter__(self) -> Sampler:
         for t in self._threads:
             t.start()
+        # answers are measured throughout the job: wait until the asker (a new process that
+        # imports pilot and connects, seconds on a loaded machine) has answered once, or a
+        # short job ends before it asks and the run has no answers at all
+        self._answered.wait(60)
+        if not any(self.answers.values()):
+            self.__exit__()
+            raise RuntimeError(f"the asker gave no answer (exit code {self._asker.poll()})")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -95,6 +103,8 @@ class Sampler:
         for line in self._asker.stdout:
             what, start, end = line.split()
             self.answers[what].append((float(start), float(end)))
+            self._answered.set()
+        self._answered.set()  # the asker ended: __enter__ stops waiting
 
     def _memory(self) -> None:
         import psutil
