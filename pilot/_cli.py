@@ -33,6 +33,7 @@ from gateway.protocol import (
 from pilot._ask_cli import add_ask_parsers
 from pilot._dashboard_cli import add_dashboard_parsers
 from pilot._discovery import worker_connection
+from pilot._malloc import keep_freed_memory
 from pilot._scale_cli import add_scale_parser
 from pilot._user_cli import add_user_parser
 
@@ -154,6 +155,7 @@ def _previous_ports(state: Path) -> dict[str, int]:
 def _gateway(args: argparse.Namespace) -> int:
     from gateway.server import Gateway
 
+    keep_freed_memory()  # a client's big message lands in memory already faulted in
     home = default_home()
     state = args.state or home / "state"
     old = _previous_ports(state)
@@ -227,6 +229,7 @@ def _loopback(host: str) -> bool:
 def _worker(args: argparse.Namespace) -> int:
     from worker import Worker, parse_size
 
+    keep_freed_memory()  # the gateway's big blob lands in memory already faulted in
     if args.slots < 1:
         raise ConfigError(f"--slots must be at least 1 (got {args.slots}).")
     later = None

@@ -41,14 +41,17 @@ class BlobCache:
             self._blobs.move_to_end(digest)
         return found
 
-    def put(self, digest: str, payload: Payload) -> None:
+    def put(self, digest: str, payload: Payload) -> list[Payload]:
         """Store ``payload`` under ``digest`` (the caller vouches that it is its digest: it
-        came from the gateway, over a signed message), evicting the least recently used."""
+        came from the gateway, over a signed message), evicting the least recently used.
+        Returns what it evicted (a caller may hold them a while: freeing 100 MB takes time)."""
         old = self._blobs.pop(digest, None)
         if old is not None:
             self.nbytes -= old.nbytes
         self._blobs[digest] = payload
         self.nbytes += payload.nbytes
+        evicted = []
         while self.nbytes > self.max_bytes and len(self._blobs) > 1:
-            _, evicted = self._blobs.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+            evicted.append(self._blobs.popitem(last=False)[1])
+            self.nbytes -= evicted[-1].nbytes
+        return evicted

@@ -199,6 +199,7 @@ class _TaskProcess:
             match self._next():
                 case Assign(tasks=tasks):
                     self._run_batch(tasks)
+                    self._loader.release()
                 case Goodbye():
                     return
                 case BlobReply() | SharedBlob():  # the late answer to a wait that gave up

@@ -51,6 +51,7 @@ class Loader:
         self._inbox = inbox
         self._fns: OrderedDict[str, Any] = OrderedDict()
         self._buffers = BlobCache(BUFFER_CACHE_BYTES)
+        self._evicted: list[Payload] = []  # until ``release``
         self.share = True  # ask for big buffers through shared memory (until that fails)
 
     def function(self, digest: str) -> Any:
@@ -80,8 +81,14 @@ class Loader:
                 except PermissionError:  # the worker's descriptors are closed to us: copies
                     self.share = False
                     found = self._fetch(key, "argument's buffer")
-            self._buffers.put(key, found)
+            self._evicted += self._buffers.put(key, found)
         return found.data
+
+    def release(self) -> None:
+        """Let go of the buffers evicted while loading (between batches, once their results
+        are sent: unmapping the last mapping of a worker's memfd frees its pages, 20 ms for
+        100 MB here, which a task's result should not wait for)."""
+        self._evicted.clear()
 
     def _fetch(self, digest: str, what: str = "function", shared: bool = False) -> Any:
         """Ask the worker for a blob and wait for it, up to ``FUNCTION_WAIT_S``: its
