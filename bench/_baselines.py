@@ -6,10 +6,10 @@ dict of figures (and raising :class:`WrongResult` if the answers are wrong):
 - ``noop_submits(n)``: submit ``n`` no-op tasks, then gather all results -> ``tasks_per_s``
 - ``map_items(n, chunk)``: map ``x + 1`` over ``n`` items, one task per ``chunk`` -> ``items_per_s``
 - ``round_trip(n)``: submit one no-op, wait for it, ``n`` times -> ``median_ms``, ``p90_ms``
-- ``big_arg(mb, repeats)``: one task whose argument is an ``mb`` MB numpy array, with new
-  content each repeat (returns only its size) -> ``median_gb_s`` (1 GB = 1e9 bytes); then
-  the last array again in ``REUSES`` tasks, one after the other -> ``reuse_ratio``, the median
-  time of those over the median time of a new one
+- ``big_arg(mb, repeats)``: one task whose argument is an ``mb`` MB numpy array, with content
+  never sent before in the process (returns only its size) -> ``median_gb_s`` (1 GB = 1e9
+  bytes); then the last array again in ``REUSES`` tasks, one after the other ->
+  ``reuse_ratio``, the median time of those over the median time of a new one
 
 Backends:
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import os
 import statistics
 import sys
@@ -52,6 +53,7 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
 }
 
 REUSES = 10  # tasks given the same big array again
+_NEW_CONTENT = itertools.count(1)  # a big array's first value: new in every run, not only in one
 
 #: Small parameters for smoke tests.
 TINY_SIZES: dict[str, dict[str, int]] = {
@@ -254,8 +256,9 @@ class Backend:
         arr = np.arange(mb * 1_000_000 // 8, dtype=np.float64)
         expected = (int(arr.nbytes), float(arr[-1]))
         times = []
-        for i in range(repeats):
-            arr[0] = -1.0 - i  # new content each time: nothing content-addressed may skip it
+        for _ in range(repeats):
+            # new content each time, across runs too: nothing content-addressed may skip it
+            arr[0] = -float(next(_NEW_CONTENT))
             t0 = time.perf_counter()
             result = self._run_one(nbytes_and_last, arr)
             times.append(time.perf_counter() - t0)

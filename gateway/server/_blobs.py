@@ -42,7 +42,9 @@ BEHIND_MAX_BYTES = 1 << 30  # blobs waiting to be written, at most (then: ``full
 DIRECT_MIN_BYTES = 4 << 20  # files this big are written around the page cache (``write_file``)
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux, some BSDs
 _BLOCK = 4096  # the alignment direct I/O asks for (a multiple of every device's block)
-_STAGE_BYTES = 8 << 20
+# copied into with the GIL held, then written without it: 1 MiB keeps the gateway's loop from
+# waiting long for the GIL (8 MiB made one commit in ten take 10-14 ms while a blob was written)
+_STAGE_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +220,10 @@ class BlobStore:
 def write_file(path: Path, parts: list[memoryview]) -> None:
     """Write ``parts`` one after the other as the file ``path``: through the page cache, or, from
     ``DIRECT_MIN_BYTES`` on, around it (``O_DIRECT``) where the file system allows it. On this
-    project's VM a buffered 100 MB write costs 260-320 ms of CPU once the page cache is full
-    (reclaim), a direct one 7 ms (and 70 ms of waiting for the disk): the CPU the gateway's
-    writer took from the rest of a big argument's way (``decisions.md``)."""
+    project's VM a buffered 100 MB write costs 260-320 ms of CPU once a few have been written
+    (the page cache's new pages), a direct one 16-29 ms (the staging copy; 50-80 ms of wall
+    time): the CPU the gateway's writer took from the rest of a big argument's way
+    (``decisions.md``)."""
     total = sum(part.nbytes for part in parts)
     if total >= DIRECT_MIN_BYTES and _DIRECT:
         try:
