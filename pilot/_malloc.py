@@ -9,9 +9,11 @@ on first touch: on this project's VM a 100 MB message took 67-90 ms to receive t
 ``keep_freed_memory`` (the ``pilot gateway`` and ``pilot worker`` processes call it first
 thing, before any thread) sets, through ``mallopt``: one arena (libzmq's I/O thread allocates
 where the loop frees), no ``mmap`` for big blocks (they come from the heap), and a trim
-threshold of ``KEEP_BYTES`` (freed memory at the top of the heap up to that much stays). What
-is kept is handed back within ``TRIM_EVERY_S``: a thread calls ``malloc_trim`` that often (so
-in a steady stream of big messages, one in every ``TRIM_EVERY_S`` lands on new pages again).
+threshold of ``KEEP_BYTES`` (free memory at the top of the heap is handed back on a ``free``
+only past that much; free memory below the top never is, by ``free``). So a process may hold
+its peak until the next trim: a thread calls ``malloc_trim`` every ``TRIM_EVERY_S``, which
+hands back free pages anywhere in the heap (in a steady stream of big messages, one every
+``TRIM_EVERY_S`` lands on new pages again; the trim holds the one arena's lock meanwhile).
 ``PILOT_KEEP_FREED_MB=0`` turns it off; elsewhere than glibc it does nothing.
 """
 
@@ -24,12 +26,15 @@ import sys
 import threading
 from typing import Any
 
+from gateway.protocol import ConfigError
+
 __all__ = ["KEEP_BYTES", "TRIM_EVERY_S", "keep_freed_memory"]
 
-KEEP_BYTES = 512 << 20  # freed memory kept for the next big message, at most
+KEEP_BYTES = 512 << 20  # the trim threshold (``PILOT_KEEP_FREED_MB``, up to 2047)
 TRIM_EVERY_S = 10.0  # what is kept is handed back this often
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_INT_MAX = 2**31 - 1
 
 log = logging.getLogger("pilot")
 
@@ -37,7 +42,14 @@ log = logging.getLogger("pilot")
 def keep_freed_memory(environ: Any = os.environ) -> bool:
     """See the module docstring. True if the allocator was told; False (nothing changed) off
     glibc, or when ``PILOT_KEEP_FREED_MB`` is 0."""
-    keep = int(environ.get("PILOT_KEEP_FREED_MB", KEEP_BYTES >> 20)) << 20
+    raw = environ.get("PILOT_KEEP_FREED_MB", str(KEEP_BYTES >> 20))
+    try:
+        keep = min(int(raw) << 20, _INT_MAX)  # mallopt takes an int
+    except ValueError:
+        raise ConfigError(
+            f"PILOT_KEEP_FREED_MB={raw!r}: give the MB of freed memory a gateway or worker keeps "
+            "for the next big message (a whole number; 0 turns it off)."
+        ) from None
     libc = _glibc()
     if keep <= 0 or libc is None:
         return False

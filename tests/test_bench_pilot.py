@@ -94,9 +94,11 @@ def test_worker_memory_script_counts_one_shared_copy_of_an_array(tmp_path: Path)
     (run,) = json.loads(out.read_text())["runs"]
     # right after: the shared copy, and the worker's freed receive buffer kept for the next one
     assert 0.5 < run["copies"] < 2.9, f"two task processes held {run['copies']:.2f} copies"
-    # once idle, the worker's allocator handed the kept buffer back (pilot/_malloc.py)
+    # once idle, the worker's allocator handed the kept buffer back (pilot/_malloc.py: kept,
+    # it would be about 2.3 copies; whether it was still kept right after depends on when the
+    # trim's clock ticked, so that is not asserted)
     idle = run["copies_idle"]
-    assert 0.5 < idle < 1.9 and idle < run["copies"] - 0.5, f"{idle:.2f} copies once idle"
+    assert 0.5 < idle < 1.9, f"{idle:.2f} copies once idle"
 
 
 @pytest.mark.timeout(300)

@@ -61,3 +61,12 @@ def test_big_messages_land_in_memory_already_faulted_in() -> None:
     off = _receive("0")  # turned off: the allocator as glibc has it
     assert off["kept"] is False
     assert min(off["faults"][2:]) > 10_000, off["faults"]
+
+
+def test_a_bad_setting_says_how_to_fix_it_and_zero_changes_nothing() -> None:
+    from gateway.protocol import ConfigError
+    from pilot._malloc import keep_freed_memory
+
+    with pytest.raises(ConfigError, match="whole number; 0 turns it off"):
+        keep_freed_memory({"PILOT_KEEP_FREED_MB": "lots"})
+    assert keep_freed_memory({"PILOT_KEEP_FREED_MB": "0"}) is False

@@ -82,12 +82,15 @@ class Loader:
                     self.share = False
                     found = self._fetch(key, "argument's buffer")
             self._evicted += self._buffers.put(key, found)
+            if sum(p.nbytes for p in self._evicted) > BUFFER_CACHE_BYTES:
+                self.release()  # a long batch of new buffers: not more than the cache again
         return found.data
 
     def release(self) -> None:
         """Let go of the buffers evicted while loading (between batches, once their results
         are sent: unmapping the last mapping of a worker's memfd frees its pages, 20 ms for
-        100 MB here, which a task's result should not wait for)."""
+        100 MB here, which a task's result should not wait for). A batch holds at most
+        ``BUFFER_CACHE_BYTES`` of them: past that they go at once."""
         self._evicted.clear()
 
     def _fetch(self, digest: str, what: str = "function", shared: bool = False) -> Any:

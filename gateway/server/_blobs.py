@@ -41,7 +41,7 @@ RETRY_S = 1.0  # a write behind that failed (a full disk?) is tried again this o
 BEHIND_MAX_BYTES = 1 << 30  # blobs waiting to be written, at most (then: ``full``)
 DIRECT_MIN_BYTES = 4 << 20  # files this big are written around the page cache (``write_file``)
 _DIRECT = getattr(os, "O_DIRECT", 0)  # Linux, some BSDs
-_BLOCK = 4096  # the alignment direct I/O asks for (a multiple of every device's block)
+_BLOCK = 4096  # the alignment direct I/O asks for here (a device wanting more: buffered)
 # copied into with the GIL held, then written without it: 1 MiB keeps the gateway's loop from
 # waiting long for the GIL (8 MiB made one commit in ten take 10-14 ms while a blob was written)
 _STAGE_BYTES = 1 << 20
@@ -245,36 +245,43 @@ def write_file(path: Path, parts: list[memoryview]) -> None:
 def _write_direct(fd: int, parts: list[memoryview], total: int) -> bool:
     """Write through a page-aligned staging buffer in whole blocks (as ``O_DIRECT`` wants: the
     parts' own memory is aligned anyhow), the last one padded, then cut to ``total``. False
-    if the file system refuses the first write (then nothing is written)."""
-    with mmap.mmap(-1, _STAGE_BYTES) as stage, memoryview(stage) as view:
-        fill = offset = 0
-        for part in parts:
-            pos = 0
-            while pos < part.nbytes:
-                n = min(part.nbytes - pos, _STAGE_BYTES - fill)
-                view[fill : fill + n] = part[pos : pos + n]
-                fill, pos = fill + n, pos + n
-                if fill == _STAGE_BYTES:
-                    if not _pwrite_all(fd, view, offset):
-                        return False
-                    offset, fill = offset + fill, 0
-        if fill:
-            padded = -(-fill // _BLOCK) * _BLOCK
-            view[fill:padded] = bytes(padded - fill)
-            if not _pwrite_all(fd, view[:padded], offset):
-                return False
+    if the file system refuses a direct write anywhere (``EINVAL``: it wants no direct I/O, or
+    a bigger alignment than ``_BLOCK``): the caller writes the file again, buffered."""
+    with mmap.mmap(-1, _STAGE_BYTES) as stage:
+        view = memoryview(stage)
+        try:
+            fill = offset = 0
+            for part in parts:
+                pos = 0
+                while pos < part.nbytes:
+                    n = min(part.nbytes - pos, _STAGE_BYTES - fill)
+                    view[fill : fill + n] = part[pos : pos + n]
+                    fill, pos = fill + n, pos + n
+                    if fill == _STAGE_BYTES:
+                        if not _pwrite_direct(fd, view, fill, offset):
+                            return False
+                        offset, fill = offset + fill, 0
+            if fill:
+                padded = -(-fill // _BLOCK) * _BLOCK
+                view[fill:padded] = bytes(padded - fill)
+                if not _pwrite_direct(fd, view, padded, offset):
+                    return False
+        finally:
+            view.release()  # before the mapping closes, whatever was raised
     os.ftruncate(fd, total)
     return True
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> bool:
-    """Write ``view`` at ``offset``; False if direct I/O is refused before anything was written."""
+def _pwrite_direct(fd: int, stage: memoryview, n: int, offset: int) -> bool:
+    """Write ``stage[:n]`` at ``offset``; False if direct I/O is refused (``EINVAL``). Other
+    errors (a full disk) are raised as they are, the slices released first."""
     done = 0
-    while done < view.nbytes:
+    while done < n:
         try:
-            done += os.pwrite(fd, view[done:], offset + done)
+            with stage[done:n] as rest:
+                done += os.pwrite(fd, rest, offset + done)
         except OSError as e:
-            if e.errno == errno.EINVAL and offset + done == 0:
+            if e.errno == errno.EINVAL:
                 return False
             raise
     return True
