@@ -94,7 +94,11 @@ class Sampler:
         self._stop.set()
         assert self._asker.stdin is not None
         self._asker.stdin.close()  # the asker's signal to stop
-        self._asker.wait(60)
+        try:
+            self._asker.wait(60)
+        except subprocess.TimeoutExpired:  # hung: stop it, and let what went wrong show
+            self._asker.kill()
+            self._asker.wait(10)
         for t in self._threads:
             t.join(30)
 
