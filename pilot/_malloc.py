@@ -4,7 +4,7 @@ A gateway or worker process receives an argument's 100 MB buffer into memory tha
 allocates with ``malloc``. glibc serves an allocation that big with a fresh ``mmap`` and hands
 it back with ``munmap`` when freed, so every big message lands on new pages, each faulted in
 on first touch: on this project's VM a 100 MB message took 67-90 ms to receive that way, and
-22-32 ms into memory kept from the one before (``docs/decisions.md``, "Big buffers").
+22-32 ms into memory kept from the one before (``docs/decisions.md``, "Functions and values").
 
 ``keep_freed_memory`` (the ``pilot gateway`` and ``pilot worker`` processes call it first
 thing, before any thread) sets, through ``mallopt``: one arena (libzmq's I/O thread allocates
@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any
 
 from gateway.protocol import ConfigError
@@ -57,7 +58,7 @@ def keep_freed_memory(environ: Any = os.environ) -> bool:
     if not all(libc.mallopt(option, value) == 1 for option, value in settings):
         log.debug("mallopt refused a setting: big messages land on new pages")
         return False
-    threading.Thread(target=_trim_when_idle, args=(libc,), name="pilot-trim", daemon=True).start()
+    threading.Thread(target=_trim_every, args=(libc,), name="pilot-trim", daemon=True).start()
     return True
 
 
@@ -92,8 +93,9 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def _trim_when_idle(libc: Any) -> None:  # its own thread, for the process's life
-    stop = threading.Event()  # never set: the thread ends with the process
-    while not stop.wait(TRIM_EVERY_S):
+def _trim_every(libc: Any) -> None:  # its own thread, for the process's life
+    """Every ``TRIM_EVERY_S`` (a clock, not a measure of idleness), hand free heap pages back."""
+    while True:
+        time.sleep(TRIM_EVERY_S)
         if libc.mallinfo2().fordblks >= 1 << 20:  # a MiB or more free in the heap
             libc.malloc_trim(0)  # hands back free pages anywhere in the heap, not only its top
