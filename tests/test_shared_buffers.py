@@ -196,6 +196,35 @@ def test_two_task_processes_of_a_worker_map_one_copy_of_a_big_argument() -> None
         assert total == float(small.sum()) and inodes == []
 
 
+def _blobs_mapped(arr: np.ndarray) -> tuple[float, int]:
+    """The array's first value, and how many blobs' memfds this task process maps."""
+    with open("/proc/self/maps") as maps:
+        names = {line.split()[-2] for line in maps if "/memfd:pilot-blob-" in line}
+    return float(arr[0]), len(names)
+
+
+def test_a_task_process_unmaps_the_buffers_its_cache_let_go_once_the_batch_is_done() -> None:
+    """A task process's cache keeps ``BUFFER_CACHE_BYTES`` of buffers; one it evicts is let go
+    of after the batch that evicted it (``Loader.release`` in ``serve``), so its memfd's pages
+    are freed: without that, evicted mappings would pile up to another cache's worth."""
+    from worker._loader import BUFFER_CACHE_BYTES
+
+    size = 16 * MB
+    kept = BUFFER_CACHE_BYTES // size  # buffers the cache holds
+    arr = np.zeros(size // 8)
+    counts = []
+    with pilot.LocalCluster(workers=1, slots=1, timeouts=TEST_TIMEOUTS) as cluster:
+        client = cluster.client()
+        for i in range(kept + 16):  # one new buffer per task, a batch each
+            arr[0] = i
+            first, mapped = client.submit(_blobs_mapped, arr).result(60)
+            assert first == i
+            counts.append(mapped)
+    assert max(counts[:kept]) == kept, counts  # all kept while the cache has room
+    # then the cache's buffers, and the one this batch evicted (let go once it is done)
+    assert max(counts[kept:]) <= kept + 1, counts
+
+
 def _ask_as_a_task_process(tmp_path: Path, key: str, answers: list[Any]) -> tuple[Any, ...]:
     """The real task process's object, its worker played over a real socket: it asks for the
     buffer ``key``; each of its asks gets the next of ``answers``. Returns (its asks, what it
