@@ -5,7 +5,10 @@ A ``LocalCluster`` (a gateway and ``--workers`` workers of one slot) runs the sa
 (off, on, on, off, off, on...) so that a drift of the machine or an order effect hits both
 sides alike. A dashboard is a plain WebSocket
 client of the live feed (logged in with its own one-time link, reading every update), or with
-``--chromium`` a real page in headless Chromium that draws every update. The viewers run in a
+``--chromium`` a real page in headless Chromium that draws every update. To see where the
+pages' cost is, ``--pages quiet`` closes each page's feed once it is drawn (the page stays,
+with its clock that redraws it every second, but gets no update) and ``--pages blank`` sends
+each page to ``about:blank`` once logged in (three idle browsers). The viewers run in a
 process of their own, and their CPU time while a run is on (with the browser's processes) is
 printed in cores: on a machine as small as two cores the browsers compete with the gateway
 and its workers for them.
@@ -19,6 +22,7 @@ shows the median of each side, the ratio of the medians, and the worst ratio of 
     .venv/bin/python bench/dashboard.py                      # noop, 10,000 tasks, 3 viewers
     .venv/bin/python bench/dashboard.py --workload map --n 100000
     .venv/bin/python bench/dashboard.py --chromium --repeats 3
+    .venv/bin/python bench/dashboard.py --chromium --repeats 3 --pages quiet
 """
 
 from __future__ import annotations
@@ -65,7 +69,24 @@ def _cookie_for(link: str) -> str:
     return "; ".join(f"{c.name}={c.value}" for c in jar)
 
 
-def viewers_main(base: str, links: list[str], chromium: bool) -> None:
+COUNT_UPDATES = """
+window.__updates = 0;
+const PageSocket = window.WebSocket;
+window.WebSocket = class extends PageSocket {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("message", () => window.__updates++);
+  }
+};
+"""
+
+
+def _updates(tab: Any) -> int:
+    """The feed's messages ``tab`` got so far (0 on about:blank)."""
+    return int(tab.evaluate("window.__updates || 0"))
+
+
+def viewers_main(base: str, links: list[str], chromium: bool, pages: str = "live") -> None:
     """The viewers' process: open one dashboard per link, say READY, read until stdin closes,
     then print what they received as JSON."""
     if chromium:
@@ -73,14 +94,22 @@ def viewers_main(base: str, links: list[str], chromium: bool) -> None:
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            pages = [browser.new_page() for _ in links]
-            for page, link in zip(pages, links, strict=True):
+            tabs = [browser.new_page() for _ in links]
+            for tab in tabs:  # count the updates each page gets
+                tab.add_init_script(COUNT_UPDATES)
+            for page, link in zip(tabs, links, strict=True):
                 page.goto(link)
                 page.wait_for_selector("#live:not(.off)")
+                if pages == "quiet":  # drawn, then no more updates (and no reconnecting)
+                    page.evaluate("S.ws.onclose = null; S.ws.close()")
+                elif pages == "blank":
+                    page.goto("about:blank")
+            before = [_updates(tab) for tab in tabs]
             print("READY", flush=True)
             sys.stdin.read()
+            got = [_updates(tab) - n for tab, n in zip(tabs, before, strict=True)]
             browser.close()
-        print(json.dumps({"viewers": len(links)}), flush=True)
+        print(json.dumps({"viewers": len(links), "updates": got}), flush=True)
         return
     import asyncio
 
@@ -115,18 +144,19 @@ def viewers_main(base: str, links: list[str], chromium: bool) -> None:
 class Viewers:
     """``n`` dashboards in a child process, open between ``__enter__`` and ``__exit__``."""
 
-    def __init__(self, client: Any, n: int, chromium: bool) -> None:
+    def __init__(self, client: Any, n: int, chromium: bool, pages: str = "live") -> None:
         from gateway.client import dashboard_link
 
         self.links = [dashboard_link(client).url for _ in range(n)]
         self.base = self.links[0].split("/login", 1)[0]
         self.chromium = chromium
+        self.pages = pages
         self.stats: dict[str, Any] = {}
 
     def __enter__(self) -> Viewers:
         cmd = [sys.executable, __file__, "--viewers-child", self.base, *self.links]
         if self.chromium:
-            cmd.append("--chromium")
+            cmd += ["--chromium", "--pages", self.pages]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + VIEWERS_READY_S
@@ -182,12 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--viewers", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--chromium", action="store_true", help="real pages, not WebSocket clients")
+    p.add_argument(
+        "--pages",
+        choices=("live", "quiet", "blank"),
+        default="live",
+        help="with --chromium: live pages, pages whose feed is closed once drawn, or about:blank",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--viewers-child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.viewers_child:
         base, *links = args.viewers_child
-        viewers_main(base, links, args.chromium)
+        viewers_main(base, links, args.chromium, args.pages)
         return 0
 
     import psutil
@@ -210,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                     off.append(rate)
                     cpu_off.append(cpu)
                     continue
-                with Viewers(c, args.viewers, args.chromium) as v:
+                with Viewers(c, args.viewers, args.chromium, args.pages) as v:
                     c0, t0 = v.cpu_s(), time.perf_counter()
                     rate, cpu = run_once(c, args.workload, args.n, gateway)
                     viewer_cores.append((v.cpu_s() - c0) / (time.perf_counter() - t0))
@@ -218,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_on.append(cpu)
                 received.append(v.stats)
     pairs = [b / a for a, b in zip(off, on, strict=True)]
-    viewers = f"{args.viewers} {'Chromium pages' if args.chromium else 'WebSocket viewers'}"
+    kind = f"Chromium pages ({args.pages})" if args.chromium else "WebSocket viewers"
+    viewers = f"{args.viewers} {kind}"
     rows = [
         {
             "side": "no dashboard",

@@ -124,3 +124,34 @@ def test_million_script_restarts_the_gateway_halfway_and_loses_nothing(tmp_path:
     answers = data["restarted"]["answers_ms"]["status"]  # told apart around the restart
     assert answers["restart_s"] > 0
     assert answers["gateway_up"]["n"] + answers["across_restart"]["n"] == answers["n"] > 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("viewers", ["websocket", "live", "quiet", "blank"])
+def test_dashboard_script_runs_with_and_without_viewers(tmp_path: Path, viewers: str) -> None:
+    """bench/dashboard.py at a small size, with WebSocket viewers or real Chromium pages in
+    each of its ``--pages`` modes: both sides ran, the viewers were open, the JSON says so."""
+    chromium = viewers != "websocket"
+    if chromium and not Path("/usr/bin/chromium").exists():
+        pytest.skip("apt-get install chromium")  # ./scripts/test installs it
+    out = tmp_path / "dashboard.json"
+    # 4,000 tasks: a run of most of a second at least, so a live page gets updates (every 250 ms)
+    cmd = [sys.executable, str(ROOT / "bench" / "dashboard.py"), "--n", "4000", "--repeats", "1"]
+    if chromium:
+        cmd += ["--chromium", "--pages", viewers]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ratio of medians" in done.stdout
+    got = json.loads(out.read_text())
+    assert len(got["off"]) == len(got["on"]) == 1 and min(got["off"] + got["on"]) > 0
+    assert got["args"]["pages"] == viewers if chromium else not got["args"]["chromium"]
+    (received,) = got["received"]
+    if chromium:  # a quiet page (its feed closed once drawn) and a blank one got no update
+        assert received["viewers"] == 3 and len(received["updates"]) == 3, received
+        if viewers == "live":
+            assert min(received["updates"]) > 0, received
+        else:
+            assert received["updates"] == [0, 0, 0], received
+        assert "Chromium pages (" + viewers + ")" in done.stdout
+    else:  # the snapshot at least, on each of the three
+        assert received["messages"] >= 3 and received["bytes"] > 0, received
