@@ -11,7 +11,10 @@ with its clock that redraws it every second, but gets no update) and ``--pages b
 each page to ``about:blank`` once logged in (three idle browsers). The viewers run in a
 process of their own, and their CPU time while a run is on (with the browser's processes) is
 printed in cores: on a machine as small as two cores the browsers compete with the gateway
-and its workers for them.
+and its workers for them. A run with viewers starts once they have settled (at most
+``--settle-cores`` over a second: a Chromium page goes on working for seconds after it is
+drawn, which is the cost of opening a dashboard, not of having one open); ``--settle-cores 0``
+starts it as soon as the pages are drawn, as this bench did before 2026-12-02.
 
 Workloads: ``noop``: ``--n`` no-op ``submit``s then gather (each a job of one task: the
 heaviest case for the feed, whose job list changes all the time); ``map``: ``--n`` items of
@@ -28,6 +31,7 @@ shows the median of each side, the ratio of the medians, and the worst ratio of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -60,6 +64,8 @@ CHROMIUM_ARGS = [
 ]
 TASK_TIMEOUT_S = 300.0
 VIEWERS_READY_S = 60.0
+SETTLE_WINDOW_S = 1.0  # the viewers have settled when a window this long...
+SETTLE_MAX_S = 30.0  # ...took at most --settle-cores of CPU, or after this long anyway
 
 
 def _cookie_for(link: str) -> str:
@@ -144,13 +150,17 @@ def viewers_main(base: str, links: list[str], chromium: bool, pages: str = "live
 class Viewers:
     """``n`` dashboards in a child process, open between ``__enter__`` and ``__exit__``."""
 
-    def __init__(self, client: Any, n: int, chromium: bool, pages: str = "live") -> None:
+    def __init__(
+        self, client: Any, n: int, chromium: bool, pages: str = "live", settle: float = 0.0
+    ) -> None:
         from gateway.client import dashboard_link
 
         self.links = [dashboard_link(client).url for _ in range(n)]
         self.base = self.links[0].split("/login", 1)[0]
         self.chromium = chromium
         self.pages = pages
+        self.settle = settle
+        self.settled_s: float | None = None  # how long they took to settle (None: not asked)
         self.stats: dict[str, Any] = {}
 
     def __enter__(self) -> Viewers:
@@ -163,7 +173,23 @@ class Viewers:
         line = self.proc.stdout.readline()
         if line.strip() != "READY" or time.monotonic() > deadline:
             raise RuntimeError(f"the viewers did not start: {line!r}")
+        if self.settle > 0:
+            self._wait_settled()
         return self
+
+    def _wait_settled(self) -> None:
+        """Wait until the viewers' CPU over ``SETTLE_WINDOW_S`` is at most ``settle`` cores
+        (a page just loaded goes on working for seconds: parsing, compiling, first layouts),
+        ``SETTLE_MAX_S`` at most; ``settled_s`` says how long it took (the deadline if never)."""
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < SETTLE_MAX_S:
+            c0, w0 = self.cpu_s(), time.perf_counter()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(SETTLE_WINDOW_S)  # the window, or the viewers died
+                raise RuntimeError("the viewers exited while settling")
+            if (self.cpu_s() - c0) / (time.perf_counter() - w0) <= self.settle:
+                break
+        self.settled_s = time.perf_counter() - t0
 
     def cpu_s(self) -> float:
         """CPU seconds used so far by the viewers' process and everything it started (the
@@ -218,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         default="live",
         help="with --chromium: live pages, pages whose feed is closed once drawn, or about:blank",
     )
+    p.add_argument(
+        "--settle-cores",
+        type=float,
+        default=0.1,
+        help="before a run with viewers, wait until they use at most this many cores over "
+        f"{SETTLE_WINDOW_S:.0f} s ({SETTLE_MAX_S:.0f} s at most): dashboards that are open, "
+        "not loading; 0: start the run as soon as the pages are drawn",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--viewers-child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -236,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_on: list[float] = []
     viewer_cores: list[float] = []  # the viewers' CPU while a run was on, in cores
     received: list[dict[str, Any]] = []
+    settled: list[float | None] = []  # how long the viewers took to settle before each run
     with pilot.LocalCluster(workers=args.workers, env=QUIET) as cluster, cluster.client() as c:
         gateway = psutil.Process(cluster.gateway.pid)
         run_once(c, args.workload, min(args.n, 1000))  # warm up: processes, caches
@@ -246,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                     off.append(rate)
                     cpu_off.append(cpu)
                     continue
-                with Viewers(c, args.viewers, args.chromium, args.pages) as v:
+                with Viewers(c, args.viewers, args.chromium, args.pages, args.settle_cores) as v:
                     c0, t0 = v.cpu_s(), time.perf_counter()
                     rate, cpu = run_once(c, args.workload, args.n, gateway)
                     viewer_cores.append((v.cpu_s() - c0) / (time.perf_counter() - t0))
                 on.append(rate)
                 cpu_on.append(cpu)
                 received.append(v.stats)
+                settled.append(v.settled_s)
     pairs = [b / a for a, b in zip(off, on, strict=True)]
     kind = f"Chromium pages ({args.pages})" if args.chromium else "WebSocket viewers"
     viewers = f"{args.viewers} {kind}"
@@ -289,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         f"the viewers' own CPU during a run: median {statistics.median(viewer_cores):.2f} cores, "
         f"worst {max(viewer_cores):.2f} (this machine has {os.cpu_count()})"
     )
+    if waits := [w for w in settled if w is not None]:
+        print(
+            f"the viewers settled (at most {args.settle_cores:.2f} cores over "
+            f"{SETTLE_WINDOW_S:.0f} s) before each run in: median {statistics.median(waits):.1f} "
+            f"s, worst {max(waits):.1f} s (the limit: {SETTLE_MAX_S:.0f} s)"
+        )
     print(
         f"gateway CPU per task, off/on: {cpu_ratio:.3f}x (the rate its own CPU allows, "
         "whatever else loads the machine)"
@@ -308,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             "viewer_cores": viewer_cores,
             "worst_pair": min(pairs),
             "received": received,
+            "settled_s": settled,
         },
     )
     return 0
