@@ -31,7 +31,6 @@ shows the median of each side, the ratio of the medians, and the worst ratio of 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.cookiejar
 import json
 import os
@@ -103,13 +102,13 @@ def viewers_main(base: str, links: list[str], chromium: bool, pages: str = "live
             tabs = [browser.new_page() for _ in links]
             for tab in tabs:  # count the updates each page gets
                 tab.add_init_script(COUNT_UPDATES)
-            for page, link in zip(tabs, links, strict=True):
-                page.goto(link)
-                page.wait_for_selector("#live:not(.off)")
+            for tab, link in zip(tabs, links, strict=True):
+                tab.goto(link)
+                tab.wait_for_selector("#live:not(.off)")
                 if pages == "quiet":  # drawn, then no more updates (and no reconnecting)
-                    page.evaluate("S.ws.onclose = null; S.ws.close()")
+                    tab.evaluate("S.ws.onclose = null; S.ws.close()")
                 elif pages == "blank":
-                    page.goto("about:blank")
+                    tab.goto("about:blank")
             before = [_updates(tab) for tab in tabs]
             print("READY", flush=True)
             sys.stdin.read()
@@ -184,8 +183,11 @@ class Viewers:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < SETTLE_MAX_S:
             c0, w0 = self.cpu_s(), time.perf_counter()
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 self.proc.wait(SETTLE_WINDOW_S)  # the window, or the viewers died
+            except subprocess.TimeoutExpired:
+                pass
+            else:
                 raise RuntimeError("the viewers exited while settling")
             if (self.cpu_s() - c0) / (time.perf_counter() - w0) <= self.settle:
                 break

@@ -29,6 +29,7 @@ from tests_support import TEST_TIMEOUTS
 from worker._blobcache import BlobCache
 from worker._child import _TaskProcess
 from worker._control import Control
+from worker._loader import BUFFER_CACHE_BYTES
 from worker._shared import SHARE_MIN_BYTES, SharedBuffers, StaleBlob, map_shared, memfd_name
 
 MB = 1 << 20
@@ -207,8 +208,6 @@ def test_a_task_process_unmaps_the_buffers_its_cache_let_go_once_the_batch_is_do
     """A task process's cache keeps ``BUFFER_CACHE_BYTES`` of buffers; one it evicts is let go
     of after the batch that evicted it (``Loader.release`` in ``serve``), so its memfd's pages
     are freed: without that, evicted mappings would pile up to another cache's worth."""
-    from worker._loader import BUFFER_CACHE_BYTES
-
     size = 16 * MB
     kept = BUFFER_CACHE_BYTES // size  # buffers the cache holds
     arr = np.zeros(size // 8)
