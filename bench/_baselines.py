@@ -16,6 +16,8 @@ Backends:
 - :class:`RawZmq`: the limit. DEALER client -> ROUTER/ROUTER broker (subprocess or
   thread) -> DEALER worker processes; pickle protocol 5 with numpy buffers as separate
   zero-copy frames; no signing, no bookkeeping beyond task ids.
+- :class:`RawZmqChain`: the same, through Parallel Pilot's hops: each worker process relays to
+  a task process of its own over IPC, untouched (the topology's cost with no work in it).
 - :class:`IpyParallel`: ``ipyparallel.Cluster`` on loopback, load-balanced view
   (``bench/_peers.py``).
 - :class:`Dask`: ``distributed.LocalCluster`` with one single-threaded worker process each
@@ -338,15 +340,21 @@ SUMMARY_COLUMNS = [
 # --------------------------------------------------------------------------------------
 
 from bench._peers import Dask, IpyParallel  # noqa: E402  (they build on Backend, above)
-from bench._raw_zmq import RawZmq  # noqa: E402
+from bench._raw_zmq import RawZmq, RawZmqChain  # noqa: E402
 
 BACKENDS: dict[str, type[Backend]] = {
     RawZmq.name: RawZmq,
+    RawZmqChain.name: RawZmqChain,
     IpyParallel.name: IpyParallel,
     Dask.name: Dask,
 }
 
-_REQUIRES = {"raw_zmq": "zmq", "ipyparallel": "ipyparallel", "dask": "distributed"}
+_REQUIRES = {
+    "raw_zmq": "zmq",
+    "raw_zmq_chain": "zmq",
+    "ipyparallel": "ipyparallel",
+    "dask": "distributed",
+}
 
 
 def available_backends() -> dict[str, type[Backend]]:

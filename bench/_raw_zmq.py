@@ -24,8 +24,10 @@ import contextlib
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -46,7 +48,7 @@ from bench._baselines import (
     noop,
 )
 
-__all__ = ["RawZmq"]
+__all__ = ["RawZmq", "RawZmqChain"]
 
 
 def _dumps(obj: Any) -> list:
@@ -178,6 +180,42 @@ def _worker_main(addr: str, ppid: str) -> None:
             sock.send_multipart([frames[0], frames[1], *reply], copy=False)
 
 
+def _relay_main(addr: str, ppid: str) -> None:
+    """Entry point of a relaying worker (``RawZmqChain``): it starts one task process of its
+    own (``_worker_main``) behind an IPC socket, as a Parallel Pilot worker does, and passes
+    every message through, both ways, untouched."""
+    parent = int(ppid)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop() terminates: clean up
+    ctx = zmq.Context()
+    with tempfile.TemporaryDirectory(prefix="raw-zmq-") as tmp:
+        down = _unlimited(ctx.socket(zmq.DEALER))
+        down.bind(f"ipc://{tmp}/tasks")
+        child = _spawn("_worker_main", f"ipc://{tmp}/tasks", str(os.getpid()))
+        up = _unlimited(ctx.socket(zmq.DEALER))
+        up.connect(addr)
+        poller = zmq.Poller()
+        poller.register(up, zmq.POLLIN)
+        poller.register(down, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(1000))
+                if not events:
+                    if _parent_gone(parent) or child.poll() is not None:
+                        return
+                    continue
+                if down in events:  # the task process's READY, then its results
+                    for msg in _waiting(down):
+                        up.send_multipart(msg, copy=False)
+                if up in events:
+                    for msg in _waiting(up):
+                        down.send_multipart(msg, copy=False)
+        finally:
+            child.terminate()
+            child.wait(5)
+            up.close(0)
+            down.close(0)
+
+
 def _spawn(entry: str, *args: str, stdout: int | None = None) -> subprocess.Popen:
     # through bench._baselines, which this module builds on (a cycle entered from there)
     code = f"import sys, bench._baselines as b; b.RawZmq; from bench._raw_zmq import {entry}"
@@ -200,6 +238,7 @@ class RawZmq(Backend):
     """
 
     name = "raw_zmq"
+    worker_entry = "_worker_main"
 
     def __init__(self, n_workers: int = 2, *, broker: str = "process", **kwargs: Any):
         super().__init__(n_workers, **kwargs)
@@ -259,7 +298,7 @@ class RawZmq(Backend):
 
         front_port, back_port = expect("PORTS")
         for _ in range(self.n_workers):
-            self._procs.append(_spawn("_worker_main", f"tcp://127.0.0.1:{back_port}", ppid))
+            self._procs.append(_spawn(self.worker_entry, f"tcp://127.0.0.1:{back_port}", ppid))
         self._sock = _unlimited(self._ctx.socket(zmq.DEALER))
         self._sock.connect(f"tcp://127.0.0.1:{front_port}")
         expect("READY")
@@ -327,3 +366,14 @@ class RawZmq(Backend):
         if got != tid:
             raise WrongResult(f"raw_zmq: expected result for task {tid!r}, got {got!r}")
         return value
+
+
+class RawZmqChain(RawZmq):
+    """Raw pyzmq through Parallel Pilot's hops: client -> broker -> worker process -> the
+    worker's own task process (over IPC), and back the same way. Each worker relays, untouched,
+    to one task process that runs the tasks (``_relay_main``). Nothing is signed, recorded or
+    decoded on the way: the cost of the topology alone, next to which Parallel Pilot's own
+    work shows."""
+
+    name = "raw_zmq_chain"
+    worker_entry = "_relay_main"

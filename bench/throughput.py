@@ -1,5 +1,10 @@
 """Throughput and latency of Parallel Pilot next to raw pyzmq, ipyparallel and Dask.
 
+Raw pyzmq twice: ``raw_zmq``, one broker hop (client -> broker -> worker), the limit the ratios
+are taken to; and ``raw_zmq_chain``, the same through Parallel Pilot's own hops (client ->
+broker -> worker -> the worker's task process over IPC, and back), nothing done on the way: what
+the topology alone costs, so that Parallel Pilot's own work shows beside it.
+
 One run measures every backend on the same machine, one after the other, each with
 ``--workers`` workers of one slot (default 2), and prints a table of medians, the ratio of each
 figure to raw pyzmq measured in the same run, and Parallel Pilot's figures against its targets.
@@ -72,7 +77,7 @@ TARGETS: list[tuple[str, float, bool]] = [
     ("startup s", 2.0, False),
 ]
 
-ORDER = ["raw_zmq", "pilot", "ipyparallel", "dask"]
+ORDER = ["raw_zmq", "raw_zmq_chain", "pilot", "ipyparallel", "dask"]
 
 
 def backends() -> dict[str, type[Backend]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import operator
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +80,28 @@ def test_raw_zmq_workloads_and_cleanup(broker):
 
 @pytest.mark.system
 @pytest.mark.timeout(60)
+def test_raw_zmq_chain_runs_each_task_in_a_task_process_of_a_relaying_worker():
+    before = _children()
+    with B.RawZmqChain(n_workers=2, start_timeout=30, task_timeout=30) as backend:
+        relays = set(backend.pids[1:])  # the broker, then the workers
+        assert len(relays) == 2
+        ran_in = {backend._run_one(operator.call, os.getpid) for _ in range(20)}
+        assert ran_in.isdisjoint(relays), "a task ran in the relaying worker itself"
+        assert {psutil.Process(pid).ppid() for pid in ran_in} <= relays
+        started = _children() - before
+        assert len(started) == 5  # the broker, 2 relaying workers, a task process each
+        figures = {
+            "noop_submits": backend.noop_submits(n=50),
+            "round_trip": backend.round_trip(n=20),
+            "big_arg": backend.big_arg(mb=1, repeats=2),
+        }
+    for name, figs in figures.items():
+        _check_figures(name, figs)
+    assert not _wait_gone(started), "the chain left processes running"
+
+
+@pytest.mark.system
+@pytest.mark.timeout(60)
 def test_run_backend_returns_all_workloads():
     before = _children()
     result = B.run_backend(B.RawZmq, B.TINY_SIZES, start_timeout=30, task_timeout=30)
@@ -118,6 +142,7 @@ def test_wrong_results_raise():
 def test_available_backends_and_write_json(tmp_path):
     available = B.available_backends()
     assert available["raw_zmq"] is B.RawZmq
-    assert set(available) <= {"raw_zmq", "ipyparallel", "dask"}
+    assert available["raw_zmq_chain"] is B.RawZmqChain
+    assert set(available) <= {"raw_zmq", "raw_zmq_chain", "ipyparallel", "dask"}
     out = write_json(tmp_path / "a" / "b" / "r.json", {"x": 1.5})
     assert json.loads(out.read_text()) == {"x": 1.5}
