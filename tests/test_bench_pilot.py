@@ -81,6 +81,32 @@ def test_output_latency_script_writes_table_and_json(tmp_path: Path) -> None:
         assert r["lines"] == 40 and 0 < r["median_ms"] <= r["worst_line_ms"], r
 
 
+@pytest.mark.timeout(120)
+def test_hops_script_times_each_step_of_a_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "hops.json"
+    script = str(ROOT / "bench" / "hops.py")
+    done = subprocess.run(
+        [sys.executable, script, "--n", "30", "--warm", "10", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["round_trips"] == 30 and data["on_the_common_path"] >= 1
+    steps = [row["step"] for row in data["steps"]]
+    # the whole path, every process of it stamped: out to a task process and back
+    assert steps[0] == "client: user submit -> client: enc Submit"
+    assert steps[-1].endswith("client: user result")
+    assert any(s.startswith("worker: enc Assign -> task process: dec") for s in steps), steps
+    assert any(s.startswith("task process: enc") for s in steps), steps
+    kinds = [row["is"] for row in data["steps"]]
+    assert kinds.count("hop") == 6 and kinds.count("commit") == 2, data["steps"]
+    for row in data["steps"]:
+        assert 0 < row["median us"] <= row["p90 us"], row
+    assert 0 < data["median_us"] <= data["worst_us"]
+
+
 @pytest.mark.timeout(180)
 def test_worker_memory_script_counts_one_shared_copy_of_an_array(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
