@@ -30,7 +30,7 @@ from IPython.display import display
 
 from gateway.client import Job, filmstrip
 from gateway.protocol import FrameDone, JobUpdate, Output, OutputKind, TaskDone, TaskStatus
-from pilot_magics._live import LabelledStreams, LiveDisplay, show_display
+from pilot_magics._live import LabelledStreams, LiveDisplay, follow_events, show_display
 from pilot_magics._render import RemoteCellError
 
 __all__ = ["RenderRun", "carry_frames"]
@@ -101,19 +101,7 @@ class RenderRun:
         self._draw(force=True)
         if self.rich:
             self._preview.show({"text/plain": "preview: waiting for the first frame"})
-        try:
-            while True:
-                ev = self.job.next_event(TICK_S)
-                if ev is not None and self._on_event(ev):
-                    break
-                self._draw()
-        except KeyboardInterrupt:
-            self.job.cancel()
-            self._streams.flush()
-            self._draw(force=True, note="cancelled")
-            raise
-        self._streams.flush()
-        self._draw(force=True)
+        follow_events(self.job, self._on_event, self._draw, self._streams.flush, TICK_S)
         if not self.rich:
             sys.stderr.write("\n")
 

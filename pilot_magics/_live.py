@@ -1,7 +1,10 @@
 """The live pieces of a running cell's display, shared by its three views.
 
 Used on the kernel's main thread by ``CellRun`` (a map, ``_render.py``), ``TrainRun``
-(``--ddp``, ``_train_view.py``) and ``RenderRun`` (``--render``, ``_render_view.py``):
+(``--ddp``, ``_train_view.py``) and ``RenderRun`` (``--render``, ``_frames_view.py``):
+
+- ``follow_events``: the loop each view runs until its job ends: events in, draws between,
+  Kernel → Interrupt cancelling the job.
 
 - ``LabelledStreams``: remote stdout/stderr cut into whole lines, each prefixed with its label
   (``[frame 17] ``, ``[rank 1] ``) and written to the cell's own stdout/stderr. A partial line
@@ -26,9 +29,36 @@ from IPython.display import update_display as update_remote_display
 
 from gateway.protocol import Output, OutputKind
 
-__all__ = ["LabelledStreams", "LiveDisplay", "show_display"]
+__all__ = ["LabelledStreams", "LiveDisplay", "follow_events", "show_display"]
 
 REDRAW_EVERY_S = 0.2  # a live display changes at most 5 times a second
+
+
+def follow_events(
+    job: Any,
+    on_event: Callable[[Any], bool],
+    draw: Callable[..., None],
+    flush: Callable[[], None],
+    tick_s: float,
+) -> None:
+    """Hand ``job``'s events to ``on_event`` until it returns True (the job is over, or the
+    view stops it), calling ``draw()`` after each and every ``tick_s`` when none comes (the
+    view decides whether a draw is due); then ``flush()`` its streams and ``draw(force=True)``
+    once more. KeyboardInterrupt (Kernel → Interrupt) cancels the job, draws it ``cancelled``
+    and is re-raised."""
+    try:
+        while True:
+            ev = job.next_event(tick_s)
+            if ev is not None and on_event(ev):
+                break
+            draw()
+    except KeyboardInterrupt:
+        job.cancel()
+        flush()
+        draw(force=True, note="cancelled")
+        raise
+    flush()
+    draw(force=True)
 
 
 class LabelledStreams:

@@ -21,7 +21,7 @@ from IPython.display import DisplayHandle, display
 
 from gateway.client import Job
 from gateway.protocol import JobKind, JobUpdate, Output, OutputKind, TaskDone, TaskError, TaskStatus
-from pilot_magics._live import LabelledStreams, show_display
+from pilot_magics._live import LabelledStreams, follow_events, show_display
 
 __all__ = ["CellRun", "RemoteCellError"]
 
@@ -82,21 +82,9 @@ class CellRun:
         """Show events until the job ends (or ``until`` stops it). KeyboardInterrupt cancels
         the job and is re-raised."""
         self._progress(force=True)
-        try:
-            while True:
-                ev = self.job.next_event(PROGRESS_EVERY_S)
-                if ev is None:
-                    self._progress()
-                    continue
-                if self._on_event(ev):
-                    break
-        except KeyboardInterrupt:
-            self.job.cancel()
-            self._flush_partial()
-            self._progress(force=True, note="cancelled")
-            raise
-        self._flush_partial()
-        self._progress(force=True)
+        follow_events(
+            self.job, self._on_event, self._progress, self._flush_partial, PROGRESS_EVERY_S
+        )
 
     def _on_event(self, ev: Any) -> bool:
         match ev:
@@ -108,7 +96,6 @@ class CellRun:
                 if self.found is not None:
                     self.job.cancel()
                     return True
-                self._progress()
             case JobUpdate() if self.job.done():
                 return True
         return False

@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.client import Job
 from gateway.protocol import JobUpdate, Output, OutputKind, TaskDone, TaskStatus
-from pilot_magics._live import LabelledStreams, LiveDisplay, show_display
+from pilot_magics._live import LabelledStreams, LiveDisplay, follow_events, show_display
 from pilot_magics._metrics import MetricsBoard
 from pilot_magics._render import RemoteCellError
 
@@ -70,19 +70,7 @@ class TrainRun:
     def follow(self) -> None:
         """Show events until the job ends. KeyboardInterrupt cancels the job and is re-raised."""
         self._draw(force=True)
-        try:
-            while True:
-                ev = self.job.next_event(TICK_S)
-                if ev is not None and self._on_event(ev):
-                    break
-                self._draw()
-        except KeyboardInterrupt:
-            self.job.cancel()
-            self._streams.flush()
-            self._draw(force=True, note="cancelled")
-            raise
-        self._streams.flush()
-        self._draw(force=True)
+        follow_events(self.job, self._on_event, self._draw, self._streams.flush, TICK_S)
         if not self.rich and self.board.latest:
             print("\n" + self.board.table_text())
 
