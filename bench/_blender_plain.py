@@ -4,7 +4,8 @@ renders it.
 ``make_scene`` has Blender's own Python write the scene (a cube that slides and turns under a
 sun; Cycles on the CPU, denoising off; size, samples and frames as parameters). ``plain_run``
 renders every frame with one ``blender -b -t 1 -a`` and reads Blender's ``Time:`` for each
-frame from its output.
+frame from its output. The render tests make their scene with ``make_scene`` too
+(``tests/blender_scenes.py``, at 64x64 pixels and 8 samples).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any
 
 __all__ = ["make_scene", "plain_run"]
 
-SCENE_TIMEOUT_S = 120.0
+SCENE_TIMEOUT_S = 120.0  # one Blender start and a save, on a loaded 2-core machine
 PLAIN_TIMEOUT_S = 600.0
 
 # Runs inside Blender: ``blender -b --factory-startup --python-expr SCRIPT -- OUT.blend``.
-# The scene of tests/blender_scenes.py, with its size and samples as parameters.
+# Also the render tests' scene (tests/blender_scenes.py, 64x64, 8 samples, 48 frames).
 _SCENE_SCRIPT = """
 import math, sys
 import bpy
@@ -73,7 +74,10 @@ def make_scene(path: Path, blender: str, size: int, samples: int, frames: int) -
         check=False,
     )
     if done.returncode != 0 or not path.is_file():
-        raise RuntimeError(f"Blender could not make the scene:\n{done.stdout[-3000:]}")
+        raise RuntimeError(
+            f"Blender could not make the scene (exit {done.returncode}):\n"
+            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return path
 
 
