@@ -23,6 +23,14 @@ from bench._pilot_backend import Pilot  # noqa: E402
 pytestmark = pytest.mark.system
 
 
+def run_script(name: str, *args: str, out: Path, timeout: float) -> tuple[str, dict]:
+    """Run ``bench/NAME`` with ``args`` and ``--out OUT``; its stdout and the JSON it wrote."""
+    command = [sys.executable, str(ROOT / "bench" / name), *args, "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, json.loads(out.read_text())
+
+
 @pytest.mark.timeout(120)
 def test_pilot_backend_runs_every_workload() -> None:
     with Pilot(n_workers=2, start_timeout=60, task_timeout=60) as backend:
@@ -41,18 +49,10 @@ def test_pilot_backend_runs_every_workload() -> None:
 
 @pytest.mark.timeout(180)
 def test_throughput_script_writes_table_and_json(tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    script = str(ROOT / "bench" / "throughput.py")
-    done = subprocess.run(
-        [sys.executable, script, "--quick", "--out", str(out), "--backends", "raw_zmq,pilot"],
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "ratio to raw pyzmq" in done.stdout
-    assert "Parallel Pilot against its targets" in done.stdout
-    data = json.loads(out.read_text())
+    args = ("--quick", "--backends", "raw_zmq,pilot")
+    stdout, data = run_script("throughput.py", *args, out=tmp_path / "r.json", timeout=170)
+    assert "ratio to raw pyzmq" in stdout
+    assert "Parallel Pilot against its targets" in stdout
     assert [r["backend"] for r in data["summary"]] == ["raw_zmq", "pilot"]
     pilot = next(r for r in data["results"] if r["backend"] == "pilot")
     assert "error" not in pilot, pilot.get("error")
@@ -63,17 +63,11 @@ def test_throughput_script_writes_table_and_json(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_output_latency_script_writes_table_and_json(tmp_path: Path) -> None:
-    out = tmp_path / "latency.json"
-    script = str(ROOT / "bench" / "output_latency.py")
-    done = subprocess.run(
-        [sys.executable, script, "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=170,
+    stdout, data = run_script(
+        "output_latency.py", "--quick", out=tmp_path / "latency.json", timeout=170
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "target: a line now and then reaches the client" in done.stdout
-    rows = json.loads(out.read_text())["rows"]
+    assert "target: a line now and then reaches the client" in stdout
+    rows = data["rows"]
     assert {(r["backend"], r["workload"]) for r in rows} == {
         (b, w) for b in ("pilot", "raw_zmq") for w in ("now-and-then", "burst")
     }
@@ -83,16 +77,8 @@ def test_output_latency_script_writes_table_and_json(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_hops_script_times_each_step_of_a_round_trip(tmp_path: Path) -> None:
-    out = tmp_path / "hops.json"
-    script = str(ROOT / "bench" / "hops.py")
-    done = subprocess.run(
-        [sys.executable, script, "--n", "30", "--warm", "10", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    data = json.loads(out.read_text())
+    args = ("--n", "30", "--warm", "10")
+    _, data = run_script("hops.py", *args, out=tmp_path / "hops.json", timeout=110)
     assert data["round_trips"] == 30 and data["on_the_common_path"] >= 1
     steps = [row["step"] for row in data["steps"]]
     # the whole path, every process of it stamped: out to a task process and back
@@ -109,15 +95,10 @@ def test_hops_script_times_each_step_of_a_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_worker_memory_script_counts_one_shared_copy_of_an_array(tmp_path: Path) -> None:
-    out = tmp_path / "memory.json"
-    script = str(ROOT / "bench" / "worker_memory.py")
-    args = ["--mb", "40", "--slots", "2", "--repeats", "1", "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, script, *args], capture_output=True, text=True, timeout=170
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "copies of the array" in done.stdout
-    (run,) = json.loads(out.read_text())["runs"]
+    args = ("--mb", "40", "--slots", "2", "--repeats", "1")
+    stdout, data = run_script("worker_memory.py", *args, out=tmp_path / "m.json", timeout=170)
+    assert "copies of the array" in stdout
+    (run,) = data["runs"]
     # right after: the shared copy, and the worker's freed receive buffer kept for the next one
     assert 0.5 < run["copies"] < 2.9, f"two task processes held {run['copies']:.2f} copies"
     # once idle, the worker's allocator handed the kept buffer back (pilot/_malloc.py: kept,
@@ -131,16 +112,8 @@ def test_worker_memory_script_counts_one_shared_copy_of_an_array(tmp_path: Path)
 def test_million_script_restarts_the_gateway_halfway_and_loses_nothing(tmp_path: Path) -> None:
     """bench/million.py at a small size: its figures exist, and the job whose gateway was
     SIGKILLed and restarted halfway has every result, each reported once."""
-    out = tmp_path / "million.json"
-    script = str(ROOT / "bench" / "million.py")
-    done = subprocess.run(
-        [sys.executable, script, "--n", "4000", "--ref", "1000", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    data = json.loads(out.read_text())
+    args = ("--n", "4000", "--ref", "1000")
+    _, data = run_script("million.py", *args, out=tmp_path / "million.json", timeout=280)
     for run in (data["clean"], data["restarted"]):
         assert run["results_ok"], run
         assert run["results_lost"] == 0 and run["results_repeated"] == 0, run
@@ -160,16 +133,13 @@ def test_dashboard_script_runs_with_and_without_viewers(tmp_path: Path, viewers:
     chromium = viewers != "websocket"
     if chromium and not Path("/usr/bin/chromium").exists():
         pytest.skip("apt-get install chromium")  # ./scripts/test installs it
-    out = tmp_path / "dashboard.json"
     # 4,000 tasks: a run of most of a second at least, so a live page gets updates (every 250 ms)
-    cmd = [sys.executable, str(ROOT / "bench" / "dashboard.py"), "--n", "4000", "--repeats", "1"]
+    args = ["--n", "4000", "--repeats", "1"]
     if chromium:  # live pages settle before the run (the default); the others need not
-        cmd += ["--chromium", "--pages", viewers]
-        cmd += [] if viewers == "live" else ["--settle-cores", "0"]
-    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "ratio of medians" in done.stdout
-    got = json.loads(out.read_text())
+        args += ["--chromium", "--pages", viewers]
+        args += [] if viewers == "live" else ["--settle-cores", "0"]
+    stdout, got = run_script("dashboard.py", *args, out=tmp_path / "d.json", timeout=280)
+    assert "ratio of medians" in stdout
     assert len(got["off"]) == len(got["on"]) == 1 and min(got["off"] + got["on"]) > 0
     assert got["args"]["pages"] == viewers if chromium else not got["args"]["chromium"]
     (received,) = got["received"]
@@ -178,10 +148,10 @@ def test_dashboard_script_runs_with_and_without_viewers(tmp_path: Path, viewers:
         if viewers == "live":
             assert min(received["updates"]) > 0, received
             (settled,) = got["settled_s"]
-            assert settled > 0 and "the viewers settled" in done.stdout
+            assert settled > 0 and "the viewers settled" in stdout
         else:
             assert received["updates"] == [0, 0, 0], received
             assert got["settled_s"] == [None]
-        assert "Chromium pages (" + viewers + ")" in done.stdout
+        assert "Chromium pages (" + viewers + ")" in stdout
     else:  # the snapshot at least, on each of the three
         assert received["messages"] >= 3 and received["bytes"] > 0, received
