@@ -5,7 +5,6 @@ Used on the kernel's main thread by ``CellRun`` (a map, ``_render.py``), ``Train
 
 - ``follow_events``: the loop each view runs until its job ends: events in, draws between,
   Kernel → Interrupt cancelling the job.
-
 - ``LabelledStreams``: remote stdout/stderr cut into whole lines, each prefixed with its label
   (``[frame 17] ``, ``[rank 1] ``) and written to the cell's own stdout/stderr. A partial line
   waits for its end, or for ``flush()``.
