@@ -16,10 +16,8 @@ Backends:
 - :class:`RawZmq`: the limit. DEALER client -> ROUTER/ROUTER broker (subprocess or
   thread) -> DEALER worker processes; pickle protocol 5 with numpy buffers as separate
   zero-copy frames; no signing, no bookkeeping beyond task ids.
-- :class:`RawZmqChain`: the same, through Parallel Pilot's hops: each worker process relays to
-  a task process of its own over IPC, untouched (the topology's cost with no work in it).
-- :class:`IpyParallel`: ``ipyparallel.Cluster`` on loopback, load-balanced view
-  (``bench/_peers.py``).
+- :class:`RawZmqChain`: the same through Parallel Pilot's hops, worker to task process included.
+- :class:`IpyParallel`: ``ipyparallel.Cluster``, load-balanced view (``bench/_peers.py``).
 - :class:`Dask`: ``distributed.LocalCluster`` with one single-threaded worker process each
   (``bench/_peers.py``).
 
@@ -349,12 +347,7 @@ BACKENDS: dict[str, type[Backend]] = {
     Dask.name: Dask,
 }
 
-_REQUIRES = {
-    "raw_zmq": "zmq",
-    "raw_zmq_chain": "zmq",
-    "ipyparallel": "ipyparallel",
-    "dask": "distributed",
-}
+_REQUIRES = {"ipyparallel": "ipyparallel", "dask": "distributed"}  # raw pyzmq's two: zmq
 
 
 def available_backends() -> dict[str, type[Backend]]:
@@ -362,7 +355,7 @@ def available_backends() -> dict[str, type[Backend]]:
     return {
         name: cls
         for name, cls in BACKENDS.items()
-        if importlib.util.find_spec(_REQUIRES[name]) is not None
+        if importlib.util.find_spec(_REQUIRES.get(name, "zmq")) is not None
     }
 
 
