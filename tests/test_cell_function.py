@@ -1,5 +1,5 @@
 """``CellFunction``: a cell run once per item, in a fresh namespace each, or, for a cell of one
-expression that cannot tell, as a function of the item (``_expression``). Both ways give the
+expression that cannot tell, as a function of the item (``_compiled``). Both ways give the
 same results and the same tracebacks."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Each item runs in a fresh copy of the cell's namespace, so items never see each 
 one ``exec`` an item. A cell that is a single expression and cannot tell (it assigns no name
 and reads no namespace: no ``:=``, ``globals()``, ``eval``...) runs instead as a function of
 the item whose globals are the namespace: the same result, about a tenth of the cost an item
-(``_expression``). ``bench/magic.py``'s ``--over`` cell of 10,000 trivial items ran at 0.76x
+(``_compiled``). ``bench/magic.py``'s ``--over`` cell of 10,000 trivial items ran at 0.76x
 of ``client.map``'s rate with an ``exec`` an item, and 0.87x this way (docs/decisions.md).
 """
 
@@ -20,10 +20,9 @@ import ast
 import builtins
 import importlib
 import linecache
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import CodeType
-from typing import Any
+from types import CodeType, FunctionType
+from typing import Any, Literal
 
 __all__ = ["CellFunction"]
 
@@ -33,6 +32,15 @@ _ITEM = "__pilot_cell_item__"  # the item's parameter, for a cell that binds no 
 # meaning depends on the namespace they run in, and what would make the function something else.
 _NAMESPACE_READERS = frozenset({"eval", "exec", "globals", "locals", "vars", "dir", "breakpoint"})
 _NOT_IN_A_FUNCTION = (ast.NamedExpr, ast.Yield, ast.YieldFrom, ast.Await)
+
+
+def _cannot_tell(tree: ast.AST) -> bool:
+    """Whether the cell uses nothing that tells a function of its item from a namespace."""
+    return not any(
+        isinstance(node, _NOT_IN_A_FUNCTION)
+        or (isinstance(node, ast.Name) and node.id in _NAMESPACE_READERS)
+        for node in ast.walk(tree)
+    )
 
 
 @dataclass
@@ -50,10 +58,11 @@ class CellFunction:
     modules: dict[str, str] = field(default_factory=dict)  # name in the cell -> module
     bind: tuple[str, ...] = ()
     constants: dict[str, Any] = field(default_factory=dict)
-    _code: tuple[CodeType, bool] | None = field(default=None, repr=False)
+    _code: tuple[CodeType, bool, CodeType | None] | None = field(default=None, repr=False)
     _base: dict[str, Any] | None = field(default=None, repr=False)
-    # the one-expression cell as a function of the item (``_expression``); False: it cannot be
-    _fast: Callable[[Any], Any] | bool | None = field(default=None, repr=False)
+    # the one-expression cell as a function of the item, with the namespace as its globals
+    # (``_compiled``); False: it cannot be; None: not built yet (with the namespace)
+    _fast: FunctionType | Literal[False] | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -62,10 +71,12 @@ class CellFunction:
         state["_fast"] = None
         return state
 
-    def _compiled(self) -> tuple[CodeType, bool]:
-        """The cell as one code object, and whether it ends in an expression: that expression's
-        value is assigned to ``_RESULT`` (one ``exec`` an item, not an ``exec`` and an
-        ``eval``; its line numbers are the expression's own)."""
+    def _compiled(self) -> tuple[CodeType, bool, CodeType | None]:
+        """The cell, parsed once, as: one code object, its last expression's value assigned to
+        ``_RESULT`` (one ``exec`` an item, not an ``exec`` and an ``eval``; line numbers the
+        expression's own); whether it ends in an expression; and, for a cell of one expression
+        that cannot tell the two ways apart (see the module docstring), the code of ``lambda
+        ITEM: EXPRESSION``, named ``<module>`` as the cell's is, so tracebacks read the same."""
         if self._code is None:
             linecache.cache[self.filename] = (
                 len(self.source),
@@ -75,33 +86,25 @@ class CellFunction:
             )
             tree = ast.parse(self.source, self.filename)
             last = tree.body[-1] if tree.body else None
+            expression = None
             if isinstance(last, ast.Expr):
+                if len(tree.body) == 1 and _cannot_tell(tree):
+                    expression = self._as_function(last.value)
                 result = ast.Assign([ast.Name(_RESULT, ast.Store())], last.value)
                 tree.body[-1] = ast.fix_missing_locations(ast.copy_location(result, last))
-            self._code = (compile(tree, self.filename, "exec"), isinstance(last, ast.Expr))
+            code = compile(tree, self.filename, "exec")
+            self._code = (code, isinstance(last, ast.Expr), expression)
         return self._code
 
-    def _expression(self, base: dict[str, Any]) -> Callable[[Any], Any] | bool:
-        """The cell as ``lambda ITEM: EXPRESSION`` with ``base`` as its globals, for a cell of
-        one expression that cannot tell it from the ``exec`` in a fresh namespace (see the
-        module docstring); else False. Its code is named ``<module>``, as the cell's is, so
-        tracebacks read the same."""
-        tree = ast.parse(self.source, self.filename)
-        if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
-            return False
-        for node in ast.walk(tree):
-            if isinstance(node, _NOT_IN_A_FUNCTION) or (
-                isinstance(node, ast.Name) and node.id in _NAMESPACE_READERS
-            ):
-                return False
-        expr = tree.body[0].value
+    def _as_function(self, expr: ast.expr) -> CodeType:
+        """The code of ``lambda ITEM: expr`` (its globals are given where it is made)."""
         param = ast.arguments(
             [], [ast.arg(self.bind[0] if self.bind else _ITEM)], None, [], [], None, []
         )
         fn = ast.fix_missing_locations(ast.copy_location(ast.Lambda(param, expr), expr))
-        made = eval(compile(ast.Expression(fn), self.filename, "eval"), base)
-        made.__code__ = made.__code__.replace(co_name="<module>", co_qualname="<module>")
-        return made
+        outer = compile(ast.Expression(fn), self.filename, "eval")
+        inner = next(c for c in outer.co_consts if isinstance(c, CodeType))
+        return inner.replace(co_name="<module>", co_qualname="<module>")
 
     def namespace(self) -> dict[str, Any]:
         ns: dict[str, Any] = {"__name__": "__pilot_cell__", "__builtins__": builtins}
@@ -116,12 +119,12 @@ class CellFunction:
         worker bound for this item, by name. Each item gets a fresh copy of the namespace
         (built once per process: modules imported, values unpickled), so items never see
         each other's names."""
-        code, ends_in_expression = self._code or self._compiled()
+        code, ends_in_expression, expression = self._code or self._compiled()
         if self._base is None:
             self._base = self.namespace()
-            self._fast = self._expression(self._base)
+            self._fast = FunctionType(expression, self._base) if expression else False
         if self._fast and not data:
-            return self._fast(item)  # type: ignore[operator]
+            return self._fast(item)
         ns = self._base.copy()
         if data:
             ns.update(data)
